@@ -36,16 +36,13 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 assert mod.has_cuda(), "the CUDA build does not report CUDA kernels"
 print("CUDA build:", mod.get_cuda_version(), "archs", mod.get_cuda_archs())
-ops = [n for n in dir(torch.ops.solq_d2) if not n.startswith("_")]
-print("registered ops:", ", ".join(sorted(ops)) or "(none)")
+ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("solq_d2::"))
+print("registered ops:", ", ".join(ops) or "(none)")
 for name in ops:
-    op = getattr(torch.ops.solq_d2, name)
-    for overload in op.overloads():
-        schema = getattr(op, overload)
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(schema.name(), "CPU"), schema.name()
-        if "backward" in name or "forward" in name:
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(schema.name(), "CUDA"), (
-                f"{schema.name()} has no CUDA kernel")
+    if name.endswith(("_forward", "_backward")):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (
+                f"{name} has no {key} kernel")
 """
 
 
