@@ -81,7 +81,22 @@ def cache_dir():
     return Path(root)
 
 
+def source_reachable(timeout=60):
+    """Cheap check before a long pip run: can git reach the repository at all?"""
+    url = SOURCE_URL[len("git+"):]
+    try:
+        r = subprocess.run(["git", "ls-remote", "--exit-code", url, "HEAD"],
+                           capture_output=True, timeout=timeout,
+                           env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 def try_source(timeout):
+    if not source_reachable():
+        log(f"{SOURCE_URL} is not reachable (git ls-remote failed)")
+        return False
     try:
         r = pip("install", "--no-build-isolation", SOURCE_URL, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
