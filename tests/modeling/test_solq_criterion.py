@@ -115,3 +115,91 @@ def test_extension_by_subclass_and_bad_names():
     )
     with pytest.raises(ValueError, match="no loss named"):
         SetCriterion(num_classes=3, matcher=HungarianMatcher(), weight_dict={}, losses=("masks",))
+
+
+# ---- SOLQ criterion: parity with the official SetCriterion ---------------------------------------
+
+
+def test_solq_criterion_matches_official():
+    """Losses of all 6 layers (each with its own matching) on the fixture's synthetic targets."""
+    from solq_d2.modeling.solq import DCTMaskCoder, SOLQCriterion
+
+    from ..conftest import load_fixture
+
+    fx = load_fixture("solq_r50_parity.pt")
+    weights = expand_weight_dict(
+        {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2, "loss_vector": 1}, 5, with_enc=True
+    )
+    assert {k: float(v) for k, v in fx["criterion"]["weight_dict"].items()} == weights
+    crit = SOLQCriterion(
+        num_classes=91,
+        matcher=HungarianMatcher(2, 5, 2),
+        weight_dict=weights,
+        mask_coder=DCTMaskCoder(128, 256),
+    )
+    outputs = dict(fx["outputs"], aux_outputs=fx["aux_outputs"])
+    t = fx["criterion"]["targets"][0]
+    targets = [{k: t[k] for k in ("labels", "boxes", "xyxy_boxes", "masks")}]
+    indices = crit.match(outputs, targets)
+    rows, cols = indices[""][0]
+    assert [rows.tolist(), cols.tolist()] == fx["criterion"]["matching_last_layer"][0]
+    losses = crit(outputs, targets, indices)
+    ref = fx["criterion"]["losses"]
+    assert set(ref) <= set(losses)
+    for k, v in ref.items():
+        torch.testing.assert_close(losses[k], torch.tensor(v), rtol=1e-4, atol=0, msg=k)
+    total = sum(crit.weighted(losses).values())
+    torch.testing.assert_close(
+        total, torch.tensor(fx["criterion"]["weighted_total"]), rtol=1e-4, atol=0
+    )
+
+
+def test_solq_vector_loss_normalisation_and_empty():
+    from solq_d2.modeling.solq import DCTMaskCoder, SOLQCriterion
+
+    coder = DCTMaskCoder(16, 10)
+    masks = torch.zeros(2, 20, 30, dtype=torch.bool)
+    masks[0, 2:10, 3:12] = True
+    masks[1, 5:18, 10:28] = True
+    xyxy = torch.tensor([[3.0, 2.0, 12.0, 10.0], [10.0, 5.0, 28.0, 18.0]])
+    boxes = torch.stack(
+        [
+            (xyxy[:, 0] + xyxy[:, 2]) / 60,
+            (xyxy[:, 1] + xyxy[:, 3]) / 40,
+            (xyxy[:, 2] - xyxy[:, 0]) / 30,
+            (xyxy[:, 3] - xyxy[:, 1]) / 20,
+        ],
+        1,
+    )
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": boxes, "xyxy_boxes": xyxy, "masks": masks}]
+    outputs = {
+        "pred_logits": torch.randn(1, 4, 3),
+        "pred_boxes": torch.rand(1, 4, 4) * 0.3 + 0.3,
+        "pred_vectors": torch.randn(1, 4, 10, requires_grad=True),
+    }
+    kw = dict(num_classes=3, matcher=HungarianMatcher(), weight_dict={}, mask_coder=coder)
+    crit_mean = SOLQCriterion(vector_loss_coef=3.0, vector_loss_norm="mean", **kw)
+    crit_sum = SOLQCriterion(vector_loss_coef=3.0, vector_loss_norm="num_boxes", **kw)
+    indices = crit_mean.match(outputs, targets)
+    rows, cols = indices[""][0]
+    target_vec = coder.encode(masks, xyxy)[cols]
+    diff = (outputs["pred_vectors"][0, rows] - target_vec).abs()
+    lm = crit_mean(outputs, targets, indices)["loss_vector"]
+    ls = crit_sum(outputs, targets, indices)["loss_vector"]
+    torch.testing.assert_close(lm, 3 * diff.mean())
+    torch.testing.assert_close(ls, 3 * diff.sum() / 2)
+    # no target in the batch: 0, still connected to the graph
+    empty = [
+        {
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "boxes": torch.zeros(0, 4),
+            "xyxy_boxes": torch.zeros(0, 4),
+            "masks": torch.zeros(0, 20, 30, dtype=torch.bool),
+        }
+    ]
+    le = crit_mean(outputs, empty)["loss_vector"]
+    assert le == 0
+    le.backward()
+    assert outputs["pred_vectors"].grad is not None
+    with pytest.raises(ValueError):
+        SOLQCriterion(vector_loss_norm="sum", **kw)
