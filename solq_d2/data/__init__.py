@@ -4,6 +4,7 @@ Importing this package registers the mapper(s) selectable with ``INPUT.DATASET_M
 the datasets ``shapes_train`` / ``shapes_val`` (generated on first use into
 ``$SOLQ_D2_DATASETS/shapes-<version>/``, default ``~/.cache/solq_d2/datasets``).
 """
+
 from .annotations import BadInputLog, ImageReadError, clip_polygon
 from .build import DATASET_MAPPERS, build_dataset_mapper, register_dataset_mapper
 from .datasets import (

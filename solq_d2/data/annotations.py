@@ -5,6 +5,7 @@ unknown segmentation type) or, when one instance can be dropped and training go 
 counted by :class:`BadInputLog` (degenerate boxes, invalid polygons, missing masks, boxes
 entirely outside the image).
 """
+
 import logging
 import time
 from collections import Counter
@@ -15,6 +16,8 @@ import pycocotools.mask as mask_util
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+from PIL import Image, ImageOps
 
 __all__ = [
     "ImageReadError",
@@ -40,6 +43,9 @@ _ISSUES = {
     "rle_as_bitmask": "RLE/bitmap mask with INPUT.MASK_FORMAT=polygon: the image's masks are "
     "given as BitMasks",
 }
+
+
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 class ImageReadError(OSError):
@@ -69,27 +75,40 @@ class BadInputLog:
             logger.warning(f"{file_name}: {_ISSUES[kind]}{detail and ' - ' + detail}{more}")
         elif time.monotonic() - self._last_summary > self._period_s:
             self._last_summary = time.monotonic()
-            logger.warning(f"annotation issues handled so far by this data worker: {dict(self.counts)}")
+            logger.warning(
+                f"annotation issues handled so far by this data worker: {dict(self.counts)}"
+            )
 
 
 def read_image_checked(dataset_dict: Dict, image_format: str) -> np.ndarray:
-    """Read ``dataset_dict["file_name"]`` in ``image_format`` (grayscale, palette, RGBA, CMYK
-    images are converted; alpha is dropped) and check its size against the dict.
+    """Read ``dataset_dict["file_name"]`` in ``image_format`` and check its size against the dict.
+
+    EXIF orientation is applied; grayscale, palette, RGBA and CMYK images are converted (alpha is
+    dropped), as detectron2's ``read_image`` does.
 
     Raises:
-        ImageReadError: missing, unreadable or corrupt file (names the file and the image id).
+        ImageReadError: missing, unreadable, corrupt or high-bit-depth (16-bit, float) file; the
+            message names the file and the image id.
         detectron2's SizeMismatchError: the file's size differs from the dict's height/width.
     """
     file_name = dataset_dict["file_name"]
+    where = f"image {file_name!r} (image_id={dataset_dict.get('image_id')})"
     try:
-        image = utils.read_image(file_name, format=image_format)
+        with PathManager.open(file_name, "rb") as f:
+            pil = Image.open(f)
+            if pil.mode in _HIGH_BIT_DEPTH_MODES:
+                raise ImageReadError(
+                    f"{where} has pixel mode {pil.mode!r} (16/32-bit or float): converting it to "
+                    "8 bits would clip it silently; convert the file to 8 bits per channel first"
+                )
+            pil = ImageOps.exif_transpose(pil)
+            image = utils.convert_PIL_to_numpy(pil, image_format)
+    except ImageReadError:
+        raise
     except Exception as e:
-        raise ImageReadError(
-            f"cannot read image {file_name!r} (image_id={dataset_dict.get('image_id')}): "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        raise ImageReadError(f"cannot read {where}: {type(e).__name__}: {e}") from e
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ImageReadError(f"image {file_name!r} decoded to an array of shape {image.shape}")
+        raise ImageReadError(f"{where} decoded to an array of shape {image.shape}")
     utils.check_image_size(dataset_dict, image)
     return image
 
@@ -181,9 +200,10 @@ def sanitize_annotation(
         anno["bbox_mode"] = BoxMode.XYXY_ABS
         log.report("box_from_mask", file_name)
     try:
-        box = BoxMode.convert(
-            [float(v) for v in anno["bbox"]], anno.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS
-        )
+        box = [float(v) for v in anno["bbox"]]
+        if len(box) != 4:
+            raise ValueError(f"{len(box)} numbers")
+        box = BoxMode.convert(box, anno.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
     except (TypeError, ValueError) as e:
         log.report("degenerate_box", file_name, f"bbox={anno['bbox']!r} ({e})")
         return None
@@ -239,7 +259,9 @@ def clip_polygon(poly: np.ndarray, x0: float, y0: float, x1: float, y1: float) -
     return poly
 
 
-def _transform_polygons(polygons: List[np.ndarray], transforms: T.TransformList) -> List[np.ndarray]:
+def _transform_polygons(
+    polygons: List[np.ndarray], transforms: T.TransformList
+) -> List[np.ndarray]:
     polys = [p.reshape(-1, 2) for p in polygons]
     for t in transforms.transforms:
         if isinstance(t, T.CropTransform):
@@ -283,5 +305,7 @@ def transform_annotation(
         mask = transforms.apply_segmentation(mask)
         if mask.shape != (h, w):
             raise RuntimeError(f"transformed mask of shape {mask.shape}, image {image_size}")
+        if not mask.any():
+            return None
         anno["segmentation"] = mask
     return anno

@@ -1,4 +1,5 @@
 """Dataset-mapper registry: ``INPUT.DATASET_MAPPER_NAME`` -> mapper class."""
+
 from typing import Callable, Dict
 
 __all__ = ["register_dataset_mapper", "build_dataset_mapper", "DATASET_MAPPERS"]

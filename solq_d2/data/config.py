@@ -7,6 +7,7 @@ Detectron2's own keys are reused with their meaning unchanged: ``INPUT.MIN_SIZE_
 SIZE (384, 600)), ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (the DETR-family recipes keep images
 without annotations: set it False).
 """
+
 from detectron2.config import CfgNode as CN  # noqa: F401
 
 __all__ = ["add_data_config"]

@@ -1,5 +1,6 @@
 """Dataset registration: the built-in shapes splits, COCO datasets named in a config, and the
 check of the model's class count against the datasets' metadata."""
+
 import functools
 import json
 import logging
@@ -70,9 +71,7 @@ def register_shapes(name: str, directory: Union[str, os.PathLike], spec: ShapesS
     # Wrap detectron2's loader so that the first call generates the files.
     load_coco = DatasetCatalog[name]
     DatasetCatalog.remove(name)
-    DatasetCatalog.register(
-        name, functools.partial(_load_generated, directory, spec, load_coco)
-    )
+    DatasetCatalog.register(name, functools.partial(_load_generated, directory, spec, load_coco))
     MetadataCatalog.get(name).set(shapes_directory=str(directory), shapes_spec=spec)
 
 
@@ -143,9 +142,10 @@ def register_datasets_from_cfg(cfg) -> List[str]:
         name, json_file, image_root = _check_entry(entry)
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            same = getattr(meta, "json_file", None) == json_file and getattr(
-                meta, "image_root", None
-            ) == image_root
+            same = (
+                getattr(meta, "json_file", None) == json_file
+                and getattr(meta, "image_root", None) == image_root
+            )
             if not same:
                 raise ValueError(
                     f"DATASETS.COCO_INSTANCES entry {name!r}: a dataset with this name is already "

@@ -10,6 +10,7 @@ resampling, and is not reproduced.
 
 Test: deterministic resize (``INPUT.MIN_SIZE_TEST`` / ``INPUT.MAX_SIZE_TEST``), annotations dropped.
 """
+
 import copy
 import logging
 import sys
@@ -43,7 +44,9 @@ def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
         return [T.ResizeShortestEdge(inp.MIN_SIZE_TEST, inp.MAX_SIZE_TEST, "choice")]
     augs: List[T.Augmentation] = []
     if inp.RANDOM_FLIP not in ("horizontal", "vertical", "none"):
-        raise ValueError(f"INPUT.RANDOM_FLIP must be horizontal/vertical/none, got {inp.RANDOM_FLIP}")
+        raise ValueError(
+            f"INPUT.RANDOM_FLIP must be horizontal/vertical/none, got {inp.RANDOM_FLIP}"
+        )
     if inp.RANDOM_FLIP != "none":
         augs.append(
             T.RandomFlip(
@@ -55,9 +58,7 @@ def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
             raise ValueError(f"INPUT.CROP.PROB must be in [0, 1], got {inp.CROP.PROB}")
         sizes = list(inp.CROP.PRE_RESIZE_MIN_SIZES)
         if not sizes or any(int(s) <= 0 for s in sizes):
-            raise ValueError(
-                f"INPUT.CROP.PRE_RESIZE_MIN_SIZES must be positive sizes, got {sizes}"
-            )
+            raise ValueError(f"INPUT.CROP.PRE_RESIZE_MIN_SIZES must be positive sizes, got {sizes}")
         branch = T.AugmentationList(
             [
                 # DETR's RandomResize([400, 500, 600]) has no max size.
@@ -174,7 +175,9 @@ class DetrInstanceDatasetMapper:
                 annos.append(anno)
 
         mask_format = self.instance_mask_format
-        if mask_format == "polygon" and any(isinstance(a["segmentation"], np.ndarray) for a in annos):
+        if mask_format == "polygon" and any(
+            isinstance(a["segmentation"], np.ndarray) for a in annos
+        ):
             mask_format = "bitmask"
             self.bad_input.report("rle_as_bitmask", file_name)
         if annos:

@@ -18,6 +18,7 @@ Object areas are drawn per COCO size bucket (small < 32², medium < 96², large 
 COCOEvaluator's AP_s / AP_m / AP_l are all populated. ``python -m solq_d2.data.shapes --stats``
 prints the statistics of the built-in splits (see docs/datasets.md).
 """
+
 import dataclasses
 import json
 import math
@@ -241,8 +242,10 @@ def render_shapes_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[
                 ov = _overlap(o, mask, win)
                 n = 0 if ov is None else int((o["visible"][ov[0]] & mask[ov[1]]).sum())
                 hidden.append((ov, n))
-            if all(o["n_visible"] - n >= (1 - spec.max_hidden) * o["full"]
-                   for o, (_, n) in zip(placed, hidden)):
+            if all(
+                o["n_visible"] - n >= (1 - spec.max_hidden) * o["full"]
+                for o, (_, n) in zip(placed, hidden)
+            ):
                 break
         else:
             continue  # no valid placement: drop the object

@@ -1,4 +1,5 @@
 """Fixtures of the data tests: tiny COCO datasets written into tmp_path, configs, unique names."""
+
 import json
 import uuid
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The synthetic shapes dataset: determinism, exact annotations, atomic generation, COCO eval."""
+
 import dataclasses
 import hashlib
 import json
@@ -73,12 +74,18 @@ def test_annotations_are_exact_disjoint_and_coco_valid(tmp_path):
         h, w = img["height"], img["width"]
         mask = _decode(ann, h, w)
         assert mask.sum() == ann["area"] > 0
-        assert np.allclose(mask_util.toBbox(mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))), ann["bbox"])
+        assert np.allclose(
+            mask_util.toBbox(mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))),
+            ann["bbox"],
+        )
         if ann["category_id"] == 4:  # rings are RLE and have a hole (unless occluded)
             assert isinstance(ann["segmentation"], dict)
         by_image.setdefault(ann["image_id"], []).append(mask)
     n_rings_with_hole = sum(
-        ndimage.binary_fill_holes(_decode(a, images[a["image_id"]]["height"], images[a["image_id"]]["width"])).sum() > a["area"]
+        ndimage.binary_fill_holes(
+            _decode(a, images[a["image_id"]]["height"], images[a["image_id"]]["width"])
+        ).sum()
+        > a["area"]
         for a in coco["annotations"]
         if a["category_id"] == 4
     )
@@ -224,8 +231,9 @@ def test_coco_evaluator_scores_ground_truth_as_perfect(tmp_path, dataset_names):
     register_shapes(name, tmp_path / "s", SMALL)
     prepare_dataset(name)  # COCOEvaluator reads the json file when it is built
     fast = hasattr(detectron2._C, "COCOevalAccumulate")
-    evaluator = COCOEvaluator(name, tasks=("bbox", "segm"), distributed=False,
-                              output_dir=None, use_fast_impl=fast)
+    evaluator = COCOEvaluator(
+        name, tasks=("bbox", "segm"), distributed=False, output_dir=None, use_fast_impl=fast
+    )
     dicts = DatasetCatalog.get(name)
     evaluator.reset()
     for d in dicts:
