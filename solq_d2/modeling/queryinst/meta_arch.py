@@ -150,6 +150,17 @@ class QueryInst(nn.Module):
         """
         if not self.training:
             return self.inference(batched_inputs)
+        losses, metrics, _ = self.compute_losses(batched_inputs)
+        self._log_metrics(metrics)
+        return losses
+
+    def compute_losses(self, batched_inputs: List[Dict]):
+        """Training forward: the stages with per-stage matching, then the criterion.
+
+        Returns:
+            losses: dict of weighted losses; metrics: ``stage{s}_pos_acc``; outputs: the per-stage
+            dicts of :class:`QueryInstHead` (with ``indices``).
+        """
         images = self.preprocess_image(batched_inputs)
         features, boxes, queries, whwh = self._prepare(images)
         targets = self.prepare_targets(batched_inputs, images)
@@ -159,8 +170,7 @@ class QueryInst(nn.Module):
 
         outputs = self.head(features, boxes, queries, match_fn=match_fn)
         losses, metrics = self.criterion(outputs, targets, whwh)
-        self._log_metrics(metrics)
-        return losses
+        return losses, metrics, outputs
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """Inference on ``batched_inputs``; with ``do_postprocess=False`` the detections stay in
@@ -168,6 +178,17 @@ class QueryInst(nn.Module):
         assert not self.training
         images = self.preprocess_image(batched_inputs)
         outputs = self.forward_stages(images)
+        return self.detections(outputs, images, batched_inputs, do_postprocess)
+
+    def detections(
+        self,
+        outputs: List[Dict[str, torch.Tensor]],
+        images: ImageList,
+        batched_inputs: List[Dict],
+        do_postprocess: bool = True,
+    ):
+        """Top-k detections of the last stage (:func:`select_topk`) and, with ``do_postprocess``,
+        their resizing to each input's ``height`` x ``width`` (:func:`rescale_instances`)."""
         last = outputs[-1]
         results = select_topk(
             last["pred_logits"],
