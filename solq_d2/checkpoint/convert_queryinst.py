@@ -17,16 +17,18 @@ __all__ = ["matches", "convert", "mmdet_to_d2_key"]
 _STAGE = r"roi_head\.bbox_head\.(\d+)\."
 _MASK = r"roi_head\.mask_head\.(\d+)\."
 _RES = "backbone.bottom_up.res"
+# parameter / buffer names of Linear, Conv, LayerNorm and BatchNorm modules
+_P = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _RULES = [
     # ResNet (mmdet "pytorch" style; layer{L} = res{L+1}) -> Detectron2 ResNet
     (r"backbone\.conv1\.weight", "backbone.bottom_up.stem.conv1.weight"),
-    (r"backbone\.bn1\.(.+)", r"backbone.bottom_up.stem.conv1.norm.\1"),
+    (r"backbone\.bn1\." + _P, r"backbone.bottom_up.stem.conv1.norm.\1"),
     (
         r"backbone\.layer(\d)\.(\d+)\.conv(\d)\.weight",
         lambda m: f"{_RES}{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight",
     ),
     (
-        r"backbone\.layer(\d)\.(\d+)\.bn(\d)\.(.+)",
+        r"backbone\.layer(\d)\.(\d+)\.bn(\d)\." + _P,
         lambda m: f"{_RES}{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}",
     ),
     (
@@ -34,7 +36,7 @@ _RULES = [
         lambda m: f"{_RES}{int(m[1]) + 1}.{m[2]}.shortcut.weight",
     ),
     (
-        r"backbone\.layer(\d)\.(\d+)\.downsample\.1\.(.+)",
+        r"backbone\.layer(\d)\.(\d+)\.downsample\.1\." + _P,
         lambda m: f"{_RES}{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}",
     ),
     # FPN (level i = P{i+2})
@@ -50,59 +52,62 @@ _RULES = [
     (r"rpn_head\.init_proposal_bboxes\.weight", "init_proposal_boxes.weight"),
     (r"rpn_head\.init_proposal_features\.weight", "init_proposal_features.weight"),
     # DIIHead -> QueryInstStage
-    (_STAGE + r"attention\.attn\.(.+)", r"head.head_series.\1.self_attn.\2"),
-    (_STAGE + r"attention_norm\.(.+)", r"head.head_series.\1.norm1.\2"),
     (
-        _STAGE + r"instance_interactive_conv\.(dynamic_layer\..+)",
+        _STAGE + r"attention\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
+        r"head.head_series.\1.self_attn.\2",
+    ),
+    (_STAGE + r"attention_norm\." + _P, r"head.head_series.\1.norm1.\2"),
+    (
+        _STAGE + r"instance_interactive_conv\.(dynamic_layer\.(?:weight|bias))",
         r"head.head_series.\1.inst_interact.\2",
     ),
     (
-        _STAGE + r"instance_interactive_conv\.norm_in\.(.+)",
+        _STAGE + r"instance_interactive_conv\.norm_in\." + _P,
         r"head.head_series.\1.inst_interact.norm1.\2",
     ),
     (
-        _STAGE + r"instance_interactive_conv\.norm_out\.(.+)",
+        _STAGE + r"instance_interactive_conv\.norm_out\." + _P,
         r"head.head_series.\1.inst_interact.norm2.\2",
     ),
     (
-        _STAGE + r"instance_interactive_conv\.fc_layer\.(.+)",
+        _STAGE + r"instance_interactive_conv\.fc_layer\." + _P,
         r"head.head_series.\1.inst_interact.out_layer.\2",
     ),
     (
-        _STAGE + r"instance_interactive_conv\.fc_norm\.(.+)",
+        _STAGE + r"instance_interactive_conv\.fc_norm\." + _P,
         r"head.head_series.\1.inst_interact.norm3.\2",
     ),
-    (_STAGE + r"instance_interactive_conv_norm\.(.+)", r"head.head_series.\1.norm2.\2"),
-    (_STAGE + r"ffn\.layers\.0\.0\.(.+)", r"head.head_series.\1.linear1.\2"),
-    (_STAGE + r"ffn\.layers\.1\.(.+)", r"head.head_series.\1.linear2.\2"),
-    (_STAGE + r"ffn_norm\.(.+)", r"head.head_series.\1.norm3.\2"),
-    (_STAGE + r"cls_fcs\.(\d+)\.(.+)", r"head.head_series.\1.cls_module.\2.\3"),
-    (_STAGE + r"reg_fcs\.(\d+)\.(.+)", r"head.head_series.\1.reg_module.\2.\3"),
-    (_STAGE + r"fc_cls\.(.+)", r"head.head_series.\1.class_logits.\2"),
-    (_STAGE + r"fc_reg\.(.+)", r"head.head_series.\1.bboxes_delta.\2"),
+    (_STAGE + r"instance_interactive_conv_norm\." + _P, r"head.head_series.\1.norm2.\2"),
+    (_STAGE + r"ffn\.layers\.0\.0\." + _P, r"head.head_series.\1.linear1.\2"),
+    (_STAGE + r"ffn\.layers\.1\." + _P, r"head.head_series.\1.linear2.\2"),
+    (_STAGE + r"ffn_norm\." + _P, r"head.head_series.\1.norm3.\2"),
+    (_STAGE + r"cls_fcs\.(\d+)\." + _P, r"head.head_series.\1.cls_module.\2.\3"),
+    (_STAGE + r"reg_fcs\.(\d+)\." + _P, r"head.head_series.\1.reg_module.\2.\3"),
+    (_STAGE + r"fc_cls\." + _P, r"head.head_series.\1.class_logits.\2"),
+    (_STAGE + r"fc_reg\." + _P, r"head.head_series.\1.bboxes_delta.\2"),
     # DynamicMaskHead (convs.{i} = mask_fcn{i+1})
     (
-        _MASK + r"instance_interactive_conv\.(dynamic_layer\..+)",
+        _MASK + r"instance_interactive_conv\.(dynamic_layer\.(?:weight|bias))",
         r"head.mask_heads.\1.dynamic_conv.\2",
     ),
     (
-        _MASK + r"instance_interactive_conv\.norm_in\.(.+)",
+        _MASK + r"instance_interactive_conv\.norm_in\." + _P,
         r"head.mask_heads.\1.dynamic_conv.norm1.\2",
     ),
     (
-        _MASK + r"instance_interactive_conv\.norm_out\.(.+)",
+        _MASK + r"instance_interactive_conv\.norm_out\." + _P,
         r"head.mask_heads.\1.dynamic_conv.norm2.\2",
     ),
     (
-        _MASK + r"convs\.(\d+)\.conv\.(.+)",
+        _MASK + r"convs\.(\d+)\.conv\." + _P,
         lambda m: f"head.mask_heads.{m[1]}.mask_fcn{int(m[2]) + 1}.{m[3]}",
     ),
     (
-        _MASK + r"convs\.(\d+)\.bn\.(.+)",
+        _MASK + r"convs\.(\d+)\.bn\." + _P,
         lambda m: f"head.mask_heads.{m[1]}.mask_fcn{int(m[2]) + 1}.norm.{m[3]}",
     ),
-    (_MASK + r"upsample\.(.+)", r"head.mask_heads.\1.deconv.\2"),
-    (_MASK + r"conv_logits\.(.+)", r"head.mask_heads.\1.predictor.\2"),
+    (_MASK + r"upsample\." + _P, r"head.mask_heads.\1.deconv.\2"),
+    (_MASK + r"conv_logits\." + _P, r"head.mask_heads.\1.predictor.\2"),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in _RULES]
 

@@ -130,7 +130,9 @@ def test_official_checkpoint_loads_every_tensor(model, fx, official_file):
         "head.head_series.3.inst_interact.out_layer.weight": (
             "roi_head.bbox_head.3.instance_interactive_conv.fc_layer.weight"
         ),
-        "head.mask_heads.5.mask_fcn4.norm.running_mean": "roi_head.mask_head.5.convs.3.bn.running_mean",
+        "head.mask_heads.5.mask_fcn4.norm.running_mean": (
+            "roi_head.mask_head.5.convs.3.bn.running_mean"
+        ),
         "head.mask_heads.2.predictor.bias": "roi_head.mask_head.2.conv_logits.bias",
     }
     for ours_key, official_key in checks.items():
@@ -155,7 +157,7 @@ def test_fpn_features(run, fx):
 
 
 def _mask_logits_at_argmax(model, stage, feats, boxes, attn, logits, queries):
-    """Stage ``stage``'s mask logits of ``queries`` (per image) at the argmax class of ``logits``."""
+    """Stage ``stage``'s mask logits of ``queries`` (of each image) at the argmax of ``logits``."""
     B = boxes.shape[0]
     b = torch.arange(B).repeat_interleave(len(queries))
     q = queries.repeat(B)

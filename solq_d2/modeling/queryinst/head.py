@@ -149,7 +149,7 @@ class QueryInstHead(nn.Module):
     def mask_forward(
         self, stage: int, features: List[torch.Tensor], rois: torch.Tensor, queries: torch.Tensor
     ) -> torch.Tensor:
-        """Mask logits (R, K, 2S, 2S) of stage ``stage``'s head for RoIs (R, 5) and queries (R, C)."""
+        """Mask logits (R, K, 2S, 2S) of stage ``stage``'s head for RoIs (R, 5), queries (R, C)."""
         roi_features = self.mask_pooler(features, rois)
         return self.mask_heads[stage](roi_features, queries)
 
@@ -175,7 +175,8 @@ class QueryInstHead(nn.Module):
             ``pred_boxes`` (B, N, 4, with gradient), ``queries`` (B, N, C), ``attn_queries``
             (B, N, C); with ``match_fn``: ``indices`` (list of (query idx, GT idx) per image) and,
             with masks, ``pos_mask_logits`` (P, K, 28, 28) for the matched queries in image-major
-            order (None, with a zero ``mask_zero_loss``, when the batch has no GT); in inference, ``pred_mask_logits`` (B, N, K, 28, 28) for the stages that ran.
+            order (None, with a zero ``mask_zero_loss``, when the batch has no GT); in inference,
+            ``pred_mask_logits`` (B, N, K, 28, 28) for the stages that ran.
         """
         outputs = []
         B, N, _ = boxes.shape
