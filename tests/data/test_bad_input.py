@@ -125,6 +125,43 @@ def test_empty_annotation_list_from_a_coco_file(tmp_path, mapper, dataset_names,
     assert [len(o["instances"]) for o in outs] == [0, 1]
 
 
+def test_bad_annotations_in_a_coco_file(tmp_path, mapper, dataset_names, coco_tools):
+    """Through detectron2's load_coco_json and the mapper, as in training."""
+    img = coco_tools.solid_image(64, 96, [])
+    rect = coco_tools.rect_annotation
+    annos = [
+        rect(4, 4, 30, 30),
+        {**rect(40, 4, 60, 30), "bbox": [40, 4, 0, 26]},  # degenerate box
+        {**rect(40, 4, 60, 30), "segmentation": [[40, 4, 60, 4]]},  # 2-point polygon
+        {**rect(40, 4, 60, 30), "segmentation": [[40, 4, 50, 4, 60, 4]]},  # zero area
+        {**rect(40, 40, 60, 60), "segmentation": _rle_square(64, 96, 40, 40, 20, compressed=False)},
+        {k: v for k, v in rect(70, 40, 90, 60).items() if k != "bbox"},  # no bbox
+        rect(80, 50, 120, 90),  # partly outside the image
+        rect(-40, -40, -10, -10),  # entirely outside
+    ]
+    json_file, root = coco_tools.write_coco(tmp_path, [(img, annos)])
+    name = dataset_names()
+    register_coco_instances(name, {}, json_file, root)
+    (record,) = DatasetCatalog.get(name)
+    inst = mapper(record)["instances"]
+    assert inst.gt_boxes.tensor.tolist() == [
+        [4, 4, 30, 30],
+        [40, 40, 60, 60],
+        [70, 40, 90, 60],
+        [80, 50, 96, 64],
+    ]
+    assert isinstance(inst.gt_masks, BitMasks)  # the RLE annotation (polygon mask format)
+    assert dict(mapper.bad_input.counts) == {
+        "degenerate_box": 1,
+        "invalid_polygon": 1,  # the 2-point polygon was already dropped by load_coco_json
+        "no_valid_mask": 1,
+        "box_from_mask": 1,
+        "box_clipped": 1,
+        "box_outside_image": 1,
+        "rle_as_bitmask": 1,
+    }
+
+
 def test_degenerate_boxes_are_dropped_and_counted(tmp_path, mapper, caplog):
     annos = [
         _square(10, 10, 20),

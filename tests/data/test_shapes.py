@@ -250,3 +250,17 @@ def test_coco_evaluator_scores_ground_truth_as_perfect(tmp_path, dataset_names):
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert results["segm"]["AP"] == pytest.approx(100.0)
+
+
+def test_statistics_command_prints_bucket_tables(tmp_path, dataset_names, capsys):
+    from solq_d2.data import register_shapes
+    from solq_d2.data.__main__ import main
+
+    name = dataset_names("shapes_cli")
+    register_shapes(name, tmp_path / "s", SMALL)
+    main([name])
+    out = capsys.readouterr().out
+    stats = S.shapes_statistics(tmp_path / "s" / "annotations.json")
+    assert f"**{name}**: 12 images" in out
+    b = stats["by_bucket"]
+    assert f"| all | {b['small']} | {b['medium']} | {b['large']} | {stats['instances']} |" in out
