@@ -307,5 +307,6 @@ def transform_annotation(
             raise RuntimeError(f"transformed mask of shape {mask.shape}, image {image_size}")
         if not mask.any():
             return None
-        anno["segmentation"] = mask
+        # writable and C-contiguous (PIL-based resizes return read-only arrays)
+        anno["segmentation"] = np.require(mask, dtype=np.uint8, requirements=["C", "W"])
     return anno
