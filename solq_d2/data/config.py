@@ -8,7 +8,6 @@ SIZE (384, 600)), ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (the DETR-family recip
 without annotations: set it False).
 """
 
-from detectron2.config import CfgNode as CN  # noqa: F401
 
 __all__ = ["add_data_config"]
 
