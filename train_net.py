@@ -24,6 +24,7 @@ import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils.logger import setup_logger
 
 import solq_d2
 from solq_d2.checkpoint import SolqD2Checkpointer
@@ -46,21 +47,15 @@ def setup(args):
         cpu_note = ""
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="solq_d2")
     if cpu_note:
         logger.warning(cpu_note)
     return cfg
 
 
-def register_datasets(cfg) -> None:
-    """Register the datasets declared in the config (``DATASETS.COCO_INSTANCES``)."""
-    register = getattr(solq_d2.data, "register_datasets_from_cfg", None)
-    if register is not None:
-        register(cfg)
-
-
 def main(args):
     cfg = setup(args)
-    register_datasets(cfg)
+    solq_d2.data.register_datasets_from_cfg(cfg)  # DATASETS.COCO_INSTANCES
 
     if args.eval_only:
         check_model_num_classes(cfg, cfg.DATASETS.TEST)

@@ -284,8 +284,6 @@ class SolqD2Checkpointer(DetectionCheckpointer):
             f"solq_d2.checkpoint.convert_{method}"
         )
         result = converter.convert(checkpoint, model=self.model)
-        for old, new in result.get("renames", []):
-            self.logger.debug(f"  {old} -> {new}")
         self.logger.info(
             f"Converted {len(result['model'])} tensors ({len(result.get('renames', []))} renamed,"
             f" {len(result.get('dropped', []))} dropped on purpose)"

@@ -5,17 +5,13 @@ import logging
 import weakref
 from typing import Iterable, Optional
 
-from detectron2.data import (
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .. import data
 from ..checkpoint import SolqD2Checkpointer
 from ..evaluation import build_coco_evaluator
 from .optimizer import build_optimizer
@@ -36,18 +32,8 @@ NUM_CLASSES_KEYS = {"SOLQ": "SOLQ", "SOIT": "SOIT", "QueryInst": "QUERYINST"}
 
 def build_mapper(cfg, is_train: bool):
     """The dataset mapper named by ``INPUT.DATASET_MAPPER_NAME``
-    (``solq_d2.data.build_dataset_mapper``); Detectron2's ``DatasetMapper`` if solq_d2.data does
-    not provide one."""
-    from .. import data
-
-    build = getattr(data, "build_dataset_mapper", None)
-    if build is None:
-        logger.warning(
-            "solq_d2.data.build_dataset_mapper is not available in this version of solq_d2: "
-            "using Detectron2's DatasetMapper (no DETR-style crop augmentation)"
-        )
-        return DatasetMapper(cfg, is_train)
-    return build(cfg, is_train)
+    (:func:`solq_d2.data.build_dataset_mapper`)."""
+    return data.build_dataset_mapper(cfg, is_train)
 
 
 def create_ddp_model(model, **kwargs):
@@ -70,46 +56,17 @@ def model_num_classes(cfg) -> Optional[int]:
     return int(cfg.MODEL[key].NUM_CLASSES)
 
 
-def _check_thing_classes(dataset_names: Iterable[str], num_classes: int, key: str) -> None:
-    for name in dataset_names:
-        classes = MetadataCatalog.get(name).get("thing_classes", None)
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(
-                f"MODEL.{key}.NUM_CLASSES is {num_classes} but dataset '{name}' has "
-                f"{len(classes)} classes ({', '.join(map(str, classes[:10]))}"
-                f"{', ...' if len(classes) > 10 else ''}); set MODEL.{key}.NUM_CLASSES "
-                f"{len(classes)}"
-            )
-
-
 def check_model_num_classes(cfg, dataset_names: Iterable[str]) -> None:
     """Raise ``ValueError`` if the model's class count differs from the datasets' metadata.
 
-    The count is ``MODEL.SOLQ/SOIT/QUERYINST.NUM_CLASSES`` per ``MODEL.META_ARCHITECTURE`` (other
-    meta-architectures are not checked). SOLQ with 91 classes on an 80-class dataset is accepted:
-    it is the official COCO classifier (indexed by COCO category id), remapped for evaluation.
-    Delegates to ``solq_d2.data.check_num_classes`` when the data package provides it.
+    The count is ``MODEL.SOLQ/SOIT/QUERYINST.NUM_CLASSES`` per ``MODEL.META_ARCHITECTURE``; other
+    meta-architectures are not checked. The comparison (including SOLQ's official 91-way COCO
+    classifier, accepted on an 80-class COCO dataset) is :func:`solq_d2.data.check_num_classes`.
     """
     dataset_names = [n for n in dataset_names if n]
     num_classes = model_num_classes(cfg)
-    if num_classes is None or not dataset_names:
-        return
-    if cfg.MODEL.META_ARCHITECTURE == "SOLQ" and num_classes == 91:
-        sizes = {
-            len(MetadataCatalog.get(n).get("thing_classes", [None] * 80)) for n in dataset_names
-        }
-        if sizes == {80}:
-            logger.info("SOLQ with the official 91-way COCO classifier on an 80-class dataset")
-            return
-    from .. import data
-
-    check = getattr(data, "check_num_classes", None)
-    if check is not None:
-        check(cfg, dataset_names, num_classes)
-    else:
-        _check_thing_classes(
-            dataset_names, num_classes, NUM_CLASSES_KEYS[cfg.MODEL.META_ARCHITECTURE]
-        )
+    if num_classes is not None and dataset_names:
+        data.check_num_classes(cfg, dataset_names, num_classes)
 
 
 class Trainer(DefaultTrainer):
@@ -123,7 +80,8 @@ class Trainer(DefaultTrainer):
     * evaluation with ``COCOEvaluator`` (``TEST.EVAL_TASKS``; fast path only when built);
     * checkpoints through :class:`SolqD2Checkpointer` (safe loading, atomic saves, official
       formats), and they include the optimizer state so ``--resume`` restores AdamW's moments;
-    * the model's class count is checked against the training datasets before anything is built.
+    * the datasets of ``DATASETS.COCO_INSTANCES`` are registered and the model's class count is
+      checked against the training datasets before anything is built.
     """
 
     def __init__(self, cfg):
@@ -137,6 +95,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        data.register_datasets_from_cfg(cfg)  # DATASETS.COCO_INSTANCES; idempotent
         check_model_num_classes(cfg, cfg.DATASETS.TRAIN)
 
         model = self.build_model(cfg)
