@@ -299,14 +299,15 @@ class SOIT(nn.Module):
             inst = x["instances"].to(self.device)
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(inst.gt_boxes.tensor, "xyxy", "cxcywh") / scale
-            gt_masks = inst.gt_masks if inst.has("gt_masks") else None
-            if gt_masks is None:
-                raise ValueError("SOIT needs instance masks (gt_masks) for training")
-            if isinstance(gt_masks, PolygonMasks):
-                gt_masks = BitMasks.from_polygon_masks(gt_masks, h, w)
-            m = gt_masks.tensor if isinstance(gt_masks, BitMasks) else torch.as_tensor(gt_masks)
-            padded = torch.zeros((m.shape[0], Hp, Wp), dtype=torch.uint8, device=self.device)
-            padded[:, : m.shape[1], : m.shape[2]] = m.to(device=self.device, dtype=torch.uint8)
+            padded = torch.zeros((len(inst), Hp, Wp), dtype=torch.uint8, device=self.device)
+            if len(inst):  # Detectron2 adds no gt_masks field to images without instances
+                if not inst.has("gt_masks"):
+                    raise ValueError("SOIT needs instance masks (gt_masks) for training")
+                m = inst.gt_masks
+                if isinstance(m, PolygonMasks):
+                    m = BitMasks.from_polygon_masks(m, h, w)
+                m = m.tensor if isinstance(m, BitMasks) else torch.as_tensor(m)
+                padded[:, : m.shape[1], : m.shape[2]] = m.to(device=self.device, dtype=torch.uint8)
             targets.append({"labels": inst.gt_classes, "boxes": boxes, "masks": padded})
         return targets
 
