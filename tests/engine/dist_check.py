@@ -2,10 +2,11 @@
 
 ``python tests/engine/dist_check.py <work_dir>`` writes into ``work_dir``:
 
-* ``ref.pt``: one training step (losses, gradients, parameters after the step) of the whole batch
-  of 4 images in this process, plus ``naive_grads``: the gradients two processes would get if the
-  box count were *not* all-reduced (each half normalised by its own boxes, then averaged), which
-  the test uses to show it can tell the two apart;
+* ``ref.pt``: one training step (losses, gradients after full-model clipping, parameters after
+  the SGD step) of the whole batch
+  of 4 images in this process, plus ``raw_grads`` (before clipping) and ``naive_grads``: the
+  gradients two processes would get if the box count were *not* all-reduced (each half normalised
+  by its own boxes, then averaged), which the test uses to show it can tell the two apart;
 * ``rank{0,1}.pt``: the same step with each of 2 processes seeing half of the batch, through
   Detectron2's ``SimpleTrainer`` and ``comm``, and solq_d2's optimizer and DDP wrapper (the
   trainer's);
@@ -37,10 +38,12 @@ from solq_d2.engine import Trainer, build_mapper, create_ddp_model
 
 DATASET = "engine_dist_train"
 WORLD = 2
+# The model (one-line switch): "solq", whose criterion all-reduces the box count, or "toy".
+ARCH = "toy"
 
 
 def _cfg(work_dir):
-    cfg = engine_toy.make_cfg(DATASET, DATASET, os.path.join(work_dir, "out"))
+    cfg = engine_toy.make_cfg(DATASET, DATASET, os.path.join(work_dir, "out"), arch=ARCH)
     cfg.SOLVER.MAX_ITER = 3
     cfg.SOLVER.CHECKPOINT_PERIOD = 100
     return cfg
@@ -53,9 +56,22 @@ def _batch(cfg):
     return [mapper(copy.deepcopy(d)) for d in dicts]
 
 
+def _step_cfg(cfg):
+    """SGD without momentum for the one-step comparison: the update is linear in the (clipped)
+    gradients, so it can be compared at the gradients' precision (AdamW's first update is about
+    lr * sign(g), which flips on float noise for gradients near 0). AdamW runs in the trainer."""
+    cfg = cfg.clone()
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.BASE_LR = 0.1
+    return cfg
+
+
 def _one_step(cfg, batch):
+    cfg = _step_cfg(cfg)
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = Trainer.build_optimizer(cfg, model)
     trainer = SimpleTrainer(
         create_ddp_model(model, broadcast_buffers=False), itertools.repeat(batch), optimizer
@@ -67,6 +83,8 @@ def _one_step(cfg, batch):
         "losses": losses,  # on the main process: averaged over processes by SimpleTrainer
         "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "init_params": init,
+        "lr": cfg.SOLVER.BASE_LR,
         "num_boxes": [len(x["instances"]) for x in batch],
     }
 
@@ -122,6 +140,7 @@ def main(work_dir):
     half = len(batch) // WORLD
     halves = [_grads_only(cfg, batch[i * half : (i + 1) * half]) for i in range(WORLD)]
     ref["naive_grads"] = {n: sum(h[n] for h in halves) / WORLD for n in halves[0]}
+    ref["raw_grads"] = _grads_only(cfg, batch)
     torch.save(ref, os.path.join(work_dir, "ref.pt"))
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -93,8 +93,8 @@ def register_tiny_coco(name: str, root, **kwargs) -> str:
     return name
 
 
-# One-line switch for the engine tests: "toy" (EngineToyModel) or a real meta-architecture
-# whose config builds a tiny model ("solq" once configs/SOLQ/solq_shapes.yaml exists).
+# Default model of the engine tests: "toy" (EngineToyModel: fast, independent of the models) or
+# "solq" (a tiny SOLQ from configs/SOLQ/solq_shapes.yaml). The distributed test uses SOLQ.
 ARCH = "toy"
 
 
@@ -105,9 +105,19 @@ def make_cfg(train: str, test: str = "", output_dir: str = "", arch: str = ARCH)
     if arch == "toy":
         cfg.MODEL.META_ARCHITECTURE = "EngineToyModel"
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASSES)
-    elif arch == "solq":
+    elif arch == "solq":  # a tiny SOLQ
         cfg.merge_from_file(str(REPO_ROOT / "configs" / "SOLQ" / "solq_shapes.yaml"))
         cfg.MODEL.SOLQ.NUM_CLASSES = len(CLASSES)
+        cfg.MODEL.SOLQ.NUM_QUERIES = 8
+        cfg.MODEL.DEFORMABLE_TRANSFORMER.HIDDEN_DIM = 64
+        cfg.MODEL.DEFORMABLE_TRANSFORMER.DIM_FEEDFORWARD = 128
+        cfg.MODEL.DEFORMABLE_TRANSFORMER.ENC_LAYERS = 1
+        cfg.MODEL.DEFORMABLE_TRANSFORMER.DEC_LAYERS = 2
+        cfg.MODEL.DEFORMABLE_TRANSFORMER.DROPOUT = 0.0
+        cfg.MODEL.RESNETS.NORM = "GN"  # batch-independent (the distributed test compares runs)
+        # official SOLQ averages the vector loss per process; with "num_boxes" every loss term is
+        # normalised by the all-reduced box count and N processes train exactly like one
+        cfg.MODEL.SOLQ.VECTOR_LOSS_NORM = "num_boxes"
     else:
         raise ValueError(arch)
     cfg.MODEL.DEVICE = "cpu"
@@ -122,7 +132,8 @@ def make_cfg(train: str, test: str = "", output_dir: str = "", arch: str = ARCH)
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 96
     cfg.INPUT.RANDOM_FLIP = "none"
-    cfg.INPUT.MASK_FORMAT = "polygon"
+    if arch == "toy":
+        cfg.INPUT.MASK_FORMAT = "polygon"
     cfg.INPUT.CROP.ENABLED = False  # deterministic inputs (the distributed test compares runs)
     if "PROB" in cfg.INPUT.CROP:
         cfg.INPUT.CROP.PROB = 0.0

@@ -4,7 +4,7 @@ The loss of DETR-family models is divided by the number of ground-truth boxes *a
 the processes*; with DDP's gradient averaging this makes a step on D processes with B/D images
 each identical to a step on one process with B images. The batch here is deliberately uneven
 (1 + 0 boxes on one process, 3 + 1 on the other) so that a per-process normalisation would show.
-The model is ``engine_toy.ARCH`` (see dist_check.py).
+The model is a tiny SOLQ (``dist_check.ARCH``; the engine tests' toy model with ``ARCH = "toy"``).
 """
 
 import subprocess
@@ -32,8 +32,9 @@ def dist_run(tmp_path_factory):
     return work, load
 
 
-def _close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+def _close(a, b, scale):
+    """Equal up to float32 summation-order noise: 1e-4 of the reference tensor's largest entry."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale + 1e-12)
 
 
 def test_uneven_batch_and_normalisation_matters(dist_run):
@@ -42,8 +43,12 @@ def test_uneven_batch_and_normalisation_matters(dist_run):
     assert ref["num_boxes"] == [1, 0, 3, 1]
     assert [load(f"rank{r}.pt")["num_boxes"] for r in (0, 1)] == [[1, 0], [3, 1]]
     # without the all-reduced box count, the gradients would differ clearly
-    diffs = [(ref["naive_grads"][n] - g).abs().max().item() for n, g in ref["grads"].items()]
-    assert max(diffs) > 1e-3
+    rel = [
+        ((ref["naive_grads"][n] - g).abs().max() / g.abs().max()).item()
+        for n, g in ref["raw_grads"].items()
+        if g.abs().max() > 0
+    ]
+    assert max(rel) > 1e-2  # 100 times the tolerance of the comparisons below
 
 
 def test_losses_gradients_and_step_match_one_process(dist_run):
@@ -52,12 +57,17 @@ def test_losses_gradients_and_step_match_one_process(dist_run):
     assert set(rank0["losses"]) == set(ref["losses"]) >= {"total_loss", "loss_ce", "loss_bbox"}
     for k, value in ref["losses"].items():
         assert rank0["losses"][k] == pytest.approx(value, rel=1e-5), k
+    # zero-initialised output layers (Deformable DETR's init) leave a few gradients at 0 at step 1
+    nonzero = [n for n, g in ref["grads"].items() if g.abs().sum() > 0]
+    assert len(nonzero) >= 0.75 * len(ref["grads"])
     for n, g in ref["grads"].items():
-        assert g.abs().sum() > 0, n
-        _close(rank0["grads"][n], g)  # clipped (full-model) averaged gradients
-        _close(rank1["grads"][n], g)
-        _close(rank0["params"][n], ref["params"][n])  # AdamW step
-        _close(rank1["params"][n], ref["params"][n])
+        scale = g.abs().max().item()
+        _close(rank0["grads"][n], g, scale)  # averaged, then clipped (full model) gradients
+        _close(rank1["grads"][n], g, scale)
+        _close(rank0["params"][n], ref["params"][n], ref["lr"] * scale)  # the SGD step
+        _close(rank1["params"][n], ref["params"][n], ref["lr"] * scale)
+        if scale > 0:
+            assert not torch.equal(ref["params"][n], ref["init_params"][n]), n
 
 
 def test_trainer_runs_on_two_processes(dist_run):
