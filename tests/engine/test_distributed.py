@@ -4,7 +4,8 @@ The loss of DETR-family models is divided by the number of ground-truth boxes *a
 the processes*; with DDP's gradient averaging this makes a step on D processes with B/D images
 each identical to a step on one process with B images. The batch here is deliberately uneven
 (1 + 0 boxes on one process, 3 + 1 on the other) so that a per-process normalisation would show.
-The model is a tiny SOLQ (``dist_check.ARCH``; the engine tests' toy model with ``ARCH = "toy"``).
+The model is ``dist_check.ARCH``: "solq" (a tiny SOLQ, whose criterion all-reduces the box count)
+or "toy" (the engine tests' model, which normalises its losses the same way).
 """
 
 import subprocess
