@@ -17,10 +17,13 @@ def ms_deform_attn_pytorch(
 ) -> torch.Tensor:
     """Multi-scale deformable attention with ``grid_sample`` (bilinear, zeros, align_corners=False).
 
+    Computes in float64 for float64 values and in float32 otherwise (float16/bfloat16 inputs are
+    upcast, as the compiled kernel accumulates in float32), and returns value's dtype.
+
     Args:
         value: (B, S, M, D), S = sum_l H_l * W_l tokens of all levels, level-major, row-major.
-        spatial_shapes: (L, 2) int64, (H_l, W_l) per level.
-        level_start_index: (L,) int64, start of each level in S (unused: derived from shapes).
+        spatial_shapes: (L, 2) integer, (H_l, W_l) per level.
+        level_start_index: (L,) integer, start of each level in S (unused: derived from shapes).
         sampling_locations: (B, Q, M, L, P, 2), normalised (x, y); pixel (i, j) has its centre at
             ((j + 0.5) / W_l, (i + 0.5) / H_l).
         attention_weights: (B, Q, M, L, P).
@@ -32,11 +35,17 @@ def ms_deform_attn_pytorch(
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes: List[List[int]] = spatial_shapes.tolist()
+    if len(shapes) != L:
+        raise ValueError(f"sampling_locations has {L} levels but spatial_shapes has {len(shapes)}")
     if sum(h * w for h, w in shapes) != S:
         raise ValueError(
             f"value has {S} tokens but spatial_shapes {shapes} sum to {sum(h * w for h, w in shapes)}"
         )
-    grids = 2 * sampling_locations - 1  # grid_sample coordinates
+    out_dtype = value.dtype
+    dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    value = value.to(dtype)
+    grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample coordinates
+    attention_weights = attention_weights.to(dtype)
     out = value.new_zeros(B * M, D, Q, P)
     start = 0
     for lvl, (h, w) in enumerate(shapes):
@@ -46,4 +55,4 @@ def ms_deform_attn_pytorch(
         s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         a = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, 1, Q, P)
         out = out + s * a
-    return out.sum(-1).view(B, M * D, Q).transpose(1, 2).contiguous()
+    return out.sum(-1).view(B, M * D, Q).transpose(1, 2).contiguous().to(out_dtype)
