@@ -29,6 +29,15 @@ from solq_d2.modeling.queryinst.stage import SCALE_CLAMPS
 from ..conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP synchronisation costs on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cfg(**overrides):
     """Base-QueryInst with a ResNet-18 FPN, 32-d queries, 5 queries, 2 stages, 4 classes."""
     cfg = get_cfg()
