@@ -39,7 +39,7 @@ from solq_d2.engine import Trainer, build_mapper, create_ddp_model
 DATASET = "engine_dist_train"
 WORLD = 2
 # The model (one-line switch): "solq", whose criterion all-reduces the box count, or "toy".
-ARCH = "toy"
+ARCH = "solq"
 
 
 def _cfg(work_dir):

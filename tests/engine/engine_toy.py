@@ -94,7 +94,7 @@ def register_tiny_coco(name: str, root, **kwargs) -> str:
 
 
 # Default model of the engine tests: "toy" (EngineToyModel: fast, independent of the models) or
-# "solq" (a tiny SOLQ from configs/SOLQ/solq_shapes.yaml). The distributed test uses SOLQ.
+# "solq" (a tiny SOLQ). The distributed test uses SOLQ (dist_check.ARCH).
 ARCH = "toy"
 
 
@@ -105,16 +105,25 @@ def make_cfg(train: str, test: str = "", output_dir: str = "", arch: str = ARCH)
     if arch == "toy":
         cfg.MODEL.META_ARCHITECTURE = "EngineToyModel"
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(CLASSES)
-    elif arch == "solq":  # a tiny SOLQ
-        cfg.merge_from_file(str(REPO_ROOT / "configs" / "SOLQ" / "solq_shapes.yaml"))
+    elif arch == "solq":  # a tiny SOLQ: ResNet-18-GN from scratch, 64-d transformer
+        cfg.MODEL.META_ARCHITECTURE = "SOLQ"
+        cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+        cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+        cfg.INPUT.FORMAT = "RGB"
+        cfg.INPUT.MASK_FORMAT = "bitmask"
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0
+        cfg.MODEL.RESNETS.DEPTH = 18
+        cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+        cfg.MODEL.RESNETS.NORM = "GN"  # batch-independent (the distributed test compares runs)
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+        t = cfg.MODEL.DEFORMABLE_TRANSFORMER
+        t.IN_FEATURES = ["res3", "res4", "res5"]
+        t.HIDDEN_DIM, t.DIM_FEEDFORWARD, t.ENC_LAYERS, t.DEC_LAYERS = 64, 128, 1, 2
+        t.DROPOUT = 0.0
         cfg.MODEL.SOLQ.NUM_CLASSES = len(CLASSES)
         cfg.MODEL.SOLQ.NUM_QUERIES = 8
-        cfg.MODEL.DEFORMABLE_TRANSFORMER.HIDDEN_DIM = 64
-        cfg.MODEL.DEFORMABLE_TRANSFORMER.DIM_FEEDFORWARD = 128
-        cfg.MODEL.DEFORMABLE_TRANSFORMER.ENC_LAYERS = 1
-        cfg.MODEL.DEFORMABLE_TRANSFORMER.DEC_LAYERS = 2
-        cfg.MODEL.DEFORMABLE_TRANSFORMER.DROPOUT = 0.0
-        cfg.MODEL.RESNETS.NORM = "GN"  # batch-independent (the distributed test compares runs)
+        cfg.MODEL.SOLQ.VECTOR_HIDDEN_DIM = 64
         # official SOLQ averages the vector loss per process; with "num_boxes" every loss term is
         # normalised by the all-reduced box count and N processes train exactly like one
         cfg.MODEL.SOLQ.VECTOR_LOSS_NORM = "num_boxes"
