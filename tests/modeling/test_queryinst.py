@@ -26,7 +26,7 @@ from solq_d2.modeling.queryinst.pooler import QueryInstROIPooler
 from solq_d2.modeling.queryinst.postprocess import paste_masks, rescale_instances, select_topk
 from solq_d2.modeling.queryinst.stage import SCALE_CLAMPS
 
-from ..conftest import ROOT
+from ..conftest import ROOT, requires_cuda
 
 
 @pytest.fixture(autouse=True)
@@ -338,3 +338,52 @@ def test_paste_masks_boxes_outside_the_image():
     assert out.shape == (3, 40, 60)
     assert not out[0].any() and not out[2].any()  # wholly outside: empty
     assert out[1, 7:40, 6:14].all() and not out[1, :, 15:].any()  # cut at the image border
+
+
+def test_box_only_model_is_sparse_rcnn():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"MODEL.MASK_ON": False}))
+    assert not model.mask_on and not hasattr(model.head, "mask_heads")
+    model.train()
+    losses = model(batch_with_edge_cases())
+    assert not any("mask" in k for k in losses) and len(losses) == 2 * 3
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(batch_with_edge_cases()[:1])
+    assert not out["instances"].has("pred_masks") and len(out["instances"]) == 7
+
+
+@requires_cuda
+def test_cuda_train_and_inference():
+    model = build_model(tiny_cfg(**{"MODEL.DEVICE": "cuda"}))
+    model.train()
+    losses = model(batch_with_edge_cases())
+    assert all(v.is_cuda and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch_with_edge_cases())
+    assert all(o["instances"].pred_masks.is_cuda for o in out)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (ROOT / "configs" / "QueryInst").glob("*.yaml"))
+)
+def test_configs_merge_and_agree(name):
+    cfg = get_cfg()
+    solq_d2.add_solq_d2_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "QueryInst" / name))
+    q = cfg.MODEL.QUERYINST
+    assert cfg.MODEL.META_ARCHITECTURE == "QueryInst" and cfg.MODEL.MASK_ON
+    assert len(q.STAGE_LOSS_WEIGHTS) == q.NUM_STAGES
+    assert q.HIDDEN_DIM == cfg.MODEL.FPN.OUT_CHANNELS
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.INPUT.MASK_FORMAT == "bitmask"
+    if "shapes" in name:
+        assert q.NUM_CLASSES == 4 and cfg.DATASETS.TRAIN == ("shapes_train",)
+        assert build_model(cfg).head.num_stages == q.NUM_STAGES
+    else:  # official recipes: max_per_img = num_proposals; 1 epoch = 7330 iterations
+        assert q.NUM_CLASSES == 80 and q.TEST_TOPK == q.NUM_QUERIES
+        assert cfg.SOLVER.MAX_ITER in (12 * 7330, 36 * 7330)
+        assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    if "300q" in name:
+        assert q.NUM_QUERIES == 300 and cfg.INPUT.CROP.ENABLED

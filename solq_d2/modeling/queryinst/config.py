@@ -74,19 +74,27 @@ def add_queryinst_config(cfg):
     # positive RoIs of the batch on each GPU; the conv keeps its bias), or any Detectron2 norm name
     # ("SyncBN", "GN", "" for none). Detectron2's Mask R-CNN head has no norm.
     cfg.MODEL.QUERYINST.MASK_NORM = "BN"
-    # Hungarian matching cost weights (official HungarianAssigner): focal class cost,
-    # L1 on image-normalised xyxy boxes (BBoxL1Cost box_format="xyxy"), -GIoU in pixels.
+    # Hungarian matching cost weight of the focal class cost (official HungarianAssigner
+    # FocalLossCost weight 2.0; alpha/gamma below, eps 1e-12).
     cfg.MODEL.QUERYINST.COST_CLASS = 2.0
+    # Matching cost weight of the L1 distance between xyxy boxes divided by the unpadded image
+    # size (official BBoxL1Cost, box_format "xyxy", weight 5.0).
     cfg.MODEL.QUERYINST.COST_BBOX = 5.0
+    # Matching cost weight of -GIoU (official IoUCost iou_mode "giou", weight 2.0).
     cfg.MODEL.QUERYINST.COST_GIOU = 2.0
-    # Loss weights (official DIIHead / DynamicMaskHead): sigmoid focal classification, L1 on
-    # image-normalised xyxy boxes, GIoU in pixels, dice on the 28 x 28 masks.
+    # Weight of the sigmoid focal classification loss, summed over all N x K entries and divided
+    # by the number of matched queries (official DIIHead loss_cls weight 2.0).
     cfg.MODEL.QUERYINST.CLASS_WEIGHT = 2.0
+    # Weight of the L1 loss on image-normalised xyxy boxes of matched queries (loss_bbox 5.0).
     cfg.MODEL.QUERYINST.L1_WEIGHT = 5.0
+    # Weight of the GIoU loss (pixels) of matched queries (loss_iou 2.0).
     cfg.MODEL.QUERYINST.GIOU_WEIGHT = 2.0
+    # Weight of the dice loss (squared denominators, eps 1e-5) on the 28 x 28 masks of matched
+    # queries (DynamicMaskHead loss_mask / loss_dice 8.0).
     cfg.MODEL.QUERYINST.MASK_WEIGHT = 8.0
-    # Focal loss / focal cost alpha and gamma (0.25, 2.0).
+    # Focal alpha (weight of positives) of the focal loss and focal matching cost (0.25).
     cfg.MODEL.QUERYINST.FOCAL_ALPHA = 0.25
+    # Focal gamma (focusing exponent) of the focal loss and focal matching cost (2.0).
     cfg.MODEL.QUERYINST.FOCAL_GAMMA = 2.0
     # Weight of each stage's losses (official stage_loss_weights: all 1). Length NUM_STAGES.
     cfg.MODEL.QUERYINST.STAGE_LOSS_WEIGHTS = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
