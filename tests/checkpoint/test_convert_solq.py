@@ -74,12 +74,20 @@ def test_matches():
     assert not matches({"model": None}) and not matches({})
 
 
-def test_configuration_mismatch_is_a_clear_error(fx):
+def test_configuration_mismatch_is_a_clear_error(fx, tmp_path):
+    """A d 256 / 300-query config and the d 384 / 50-query file: clear error, nothing loaded,
+    also through the checkpointer a user calls (MODEL.WEIGHTS)."""
+    from solq_d2.checkpoint import SolqD2Checkpointer
+
     cfg = solq_r50_parity_cfg(num_queries=300)
     cfg.MODEL.DEFORMABLE_TRANSFORMER.HIDDEN_DIM = 256
     model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "solq_official.pth"
+    torch.save(_official(fx), path)
     with pytest.raises(ValueError) as e:
-        convert(_official(fx), model)
+        SolqD2Checkpointer(model).load(str(path))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     msg = str(e.value)
     assert (
         "hidden_dim: checkpoint 384 vs model 256 (MODEL.DEFORMABLE_TRANSFORMER.HIDDEN_DIM)" in msg

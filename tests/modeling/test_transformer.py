@@ -27,8 +27,10 @@ def solq_fx():
     return fx
 
 
-def _official_transformer(sd):
-    t = DeformableTransformer(d_model=384, nhead=8, dim_feedforward=1024, box_refine=True).eval()
+def _official_transformer(sd, msda_impl="auto"):
+    t = DeformableTransformer(
+        d_model=384, nhead=8, dim_feedforward=1024, box_refine=True, msda_impl=msda_impl
+    ).eval()
     tsd = {
         k[len("transformer.") :]: v
         for k, v in sd.items()
@@ -44,10 +46,12 @@ def _official_transformer(sd):
     return t, heads
 
 
-def test_transformer_matches_official_intermediates(solq_fx):
-    """Encoder memory, decoder states, references and refined boxes from the official srcs."""
+@pytest.mark.parametrize("msda_impl", ["auto", "pytorch"])
+def test_transformer_matches_official_intermediates(solq_fx, msda_impl):
+    """Encoder memory, decoder states, references and refined boxes from the official srcs, with
+    the compiled deformable-attention kernel and with the PyTorch path."""
     sd = solq_fx["sd32"]
-    t, heads = _official_transformer(sd)
+    t, heads = _official_transformer(sd, msda_impl)
     srcs = solq_fx["intermediates"]["srcs"]
     masks = [torch.zeros(s.shape[0], *s.shape[-2:], dtype=torch.bool) for s in srcs]
     pe = PositionEmbeddingSine(192)
