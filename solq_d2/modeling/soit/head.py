@@ -18,7 +18,7 @@ class SOITPredictionHeads(nn.Module):
       prior -log((1-0.01)/0.01); with two-stage one more (index ``num_layers``) scores the
       encoder proposals. Each layer has its own copy (opera clones them).
     * ``bbox_embed[k]``: MLP d -> d -> d -> 4 predicting inverse-sigmoid deltas, last layer
-      zero-initialised; cloned like ``class_embed``.
+      zero-initialised (single-stage: the first layer's w/h bias -2); cloned like ``class_embed``.
     * ``param_embed``: MLP d -> d -> ... -> D predicting the instance's dynamic-layer parameters,
       **one module shared by all decoder layers** (opera ``seg_branches`` are aliases of one
       MLP); PyTorch default initialisation, as in opera.
@@ -57,6 +57,8 @@ class SOITPredictionHeads(nn.Module):
         for m in self.bbox_embed:
             nn.init.zeros_(m.layers[-1].weight)
             nn.init.zeros_(m.layers[-1].bias)
+        if not self.two_stage:  # learned reference points: start from small boxes (opera, D-DETR)
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
 
     @property
     def decoder_bbox_embed(self):
