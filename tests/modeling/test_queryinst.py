@@ -300,17 +300,52 @@ def test_inference_outputs_at_requested_sizes():
 
 
 def test_topk_selects_query_class_pairs():
-    logits = torch.full((1, 3, 2), -10.0)
+    logits = torch.full((2, 3, 2), -10.0)
     logits[0, 1, 0], logits[0, 1, 1], logits[0, 2, 1] = 3.0, 2.0, 1.0  # query 1 twice
-    boxes = torch.arange(12, dtype=torch.float32).view(1, 3, 4)
-    mask_logits = (
-        torch.arange(3 * 2, dtype=torch.float32).view(1, 3, 2, 1, 1).expand(1, 3, 2, 28, 28)
-    )
-    (res,) = select_topk(logits, boxes, mask_logits, [(50, 60)], topk=3)
-    assert res.pred_classes.tolist() == [0, 1, 1]
-    assert torch.equal(res.pred_boxes.tensor, boxes[0, [1, 1, 2]])
+    logits[1, 0, 0] = 5.0
+    boxes = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    calls = []
+
+    def mask_logits_fn(batch_idx, query_idx):  # logit of (b, q, class c) = 100 b + 10 q + c
+        calls.append(list(zip(batch_idx.tolist(), query_idx.tolist())))
+        value = 100.0 * batch_idx + 10.0 * query_idx
+        return (value[:, None] + torch.arange(2.0))[:, :, None, None].expand(-1, -1, 28, 28)
+
+    res = select_topk(logits, boxes, [(50, 60), (40, 30)], 3, mask_logits_fn)
+    assert res[0].pred_classes.tolist() == [0, 1, 1]
+    assert torch.equal(res[0].pred_boxes.tensor, boxes[0, [1, 1, 2]])
     # each detection takes its own class channel of its query's masks
-    torch.testing.assert_close(res.pred_masks[:, 0, 0, 0], torch.tensor([2.0, 3.0, 5.0]).sigmoid())
+    torch.testing.assert_close(
+        res[0].pred_masks[:, 0, 0, 0], torch.tensor([10.0, 11, 21]).sigmoid()
+    )
+    assert (
+        res[1].pred_classes[0] == 0
+        and res[1].pred_masks[0, 0, 0, 0] == torch.tensor(100.0).sigmoid()
+    )
+    # the mask head runs once, on the distinct detected queries of the batch
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) <= 6
+    assert {(0, 1), (0, 2), (1, 0)} <= set(calls[0])
+    assert [r.image_size for r in res] == [(50, 60), (40, 30)]
+
+
+def test_detections_equal_masks_of_all_queries():
+    """Running the last mask head on the detected queries only gives the masks the official code
+    gets by running it on all queries."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    model.eval()
+    batch = batch_with_edge_cases()
+    with torch.no_grad():
+        images = model.preprocess_image(batch)
+        features, outputs = model.forward_stages(images, all_stage_masks=True)
+        results = model.detections(features, outputs, images, batch, do_postprocess=False)
+    last = outputs[-1]
+    K = last["pred_logits"].shape[-1]
+    for b, res in enumerate(results):
+        top = last["pred_logits"][b].sigmoid().flatten().topk(len(res)).indices
+        expected = last["pred_mask_logits"][b].flatten(0, 1)[top].sigmoid()
+        torch.testing.assert_close(res.pred_masks[:, 0], expected)
+        assert torch.equal(res.pred_classes, top % K)
 
 
 def test_rescale_keeps_unclipped_boxes_by_default():

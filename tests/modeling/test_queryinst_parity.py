@@ -108,16 +108,25 @@ def model(official_file):
 
 @pytest.fixture(scope="module")
 def run(model, fx):
-    """One inference pass of the fixture batch: images, FPN maps, per-stage outputs."""
+    """One inference pass of the fixture batch: images, FPN maps, per-stage outputs, and the last
+    mask head's logits on all 100 queries (B, N, K, 28, 28)."""
     feats = {}
     handle = model.backbone.register_forward_hook(lambda m, i, o: feats.update(o))
     try:
         with torch.no_grad():
             images = model.preprocess_image(batched_inputs(fx))
-            outputs = model.forward_stages(images)
+            levels, outputs = model.forward_stages(images)
+            last = outputs[-1]
+            B, N, C = last["attn_queries"].shape
+            mask_logits = model.head.mask_forward(
+                len(outputs) - 1,
+                levels,
+                boxes_to_rois(last["pred_boxes"]),
+                last["attn_queries"].reshape(B * N, C),
+            ).view(B, N, -1, 28, 28)
     finally:
         handle.remove()
-    return images, feats, outputs
+    return images, feats, outputs, mask_logits
 
 
 def test_official_checkpoint_loads_every_tensor(model, fx, official_file):
@@ -140,7 +149,7 @@ def test_official_checkpoint_loads_every_tensor(model, fx, official_file):
 
 
 def test_fpn_features(run, fx):
-    _, feats, _ = run
+    _, feats, _, _ = run
     ref = fx["outputs"]
     torch.testing.assert_close(feats["p5"], ref["feat_p5"], **FEAT_TOL)
     torch.testing.assert_close(
@@ -171,7 +180,7 @@ def _mask_logits_at_argmax(model, stage, feats, boxes, attn, logits, queries):
 def test_each_stage_from_official_inputs(model, run, fx):
     """Every stage recomputed from the fixture's inputs of that stage (boxes b_{t-1}, queries
     q_{t-1}), against the fixture's outputs of that stage, including its mask head."""
-    images, feats, _ = run
+    images, feats, _, _ = run
     ref = fx["outputs"]
     levels = [feats[f] for f in model.in_features]
     queries = torch.arange(MASK_QUERIES)
@@ -204,7 +213,7 @@ def test_each_stage_from_official_inputs(model, run, fx):
 
 def test_free_running_stages(model, run, fx):
     """The model's own 6-stage chain, and the last mask head on all 100 queries."""
-    images, feats, outputs = run
+    images, feats, outputs, last = run
     ref = fx["outputs"]
     for s, out in enumerate(outputs):
         torch.testing.assert_close(out["input_boxes"], ref["stage_in_boxes"][s], **CHAIN_BOX_TOL)
@@ -212,7 +221,6 @@ def test_free_running_stages(model, run, fx):
         torch.testing.assert_close(out["pred_boxes"], ref["stage_boxes"][s], **CHAIN_BOX_TOL)
         torch.testing.assert_close(out["queries"], ref["stage_obj_feats"][s], **FEAT_TOL)
         torch.testing.assert_close(out["attn_queries"], ref["stage_attn_feats"][s], **FEAT_TOL)
-    last = outputs[-1]["pred_mask_logits"]  # (B, N, K, 28, 28)
     cls = ref["stage_logits"][-1].argmax(-1)
     at_argmax = torch.gather(last, 2, cls[:, :, None, None, None].expand(-1, -1, 1, 28, 28))
     torch.testing.assert_close(
@@ -248,10 +256,11 @@ def _check_masks(masks, ref):
 
 
 def test_postprocessed_detections(model, run, fx):
-    images, _, outputs = run
+    images, feats, outputs, _ = run
     inputs = batched_inputs(fx)
+    levels = [feats[f] for f in model.in_features]
     with torch.no_grad():
-        results = model.detections(outputs, images, inputs)
+        results = model.detections(levels, outputs, images, inputs)
     for b, (res, ref) in enumerate(zip(results, fx["outputs"]["postprocessed_results_sorted"])):
         inst = res["instances"]
         assert inst.image_size == tuple(fx["inputs"]["ori_sizes_hw"][b])
@@ -272,11 +281,11 @@ def test_postprocessed_detections(model, run, fx):
 
 def test_postprocessed_masks_of_first_image_with_official_batch_quirk(model, run, fx):
     """Image 0's fixture masks are its queries' masks at image 1's top-k (query, class) picks."""
-    images, _, outputs = run
+    images, _, outputs, mask_logits = run
     last = outputs[-1]
     B, N, K = last["pred_logits"].shape
     top = last["pred_logits"].sigmoid().flatten(1).topk(100, dim=1)
-    probs = last["pred_mask_logits"][0].flatten(0, 1)[top.indices[1]].sigmoid()
+    probs = mask_logits[0].flatten(0, 1)[top.indices[1]].sigmoid()
     (h, w), (ih, iw) = fx["inputs"]["ori_sizes_hw"][0], images.image_sizes[0]
     boxes = last["pred_boxes"][0][top.indices[0] // K] * torch.tensor([w / iw, h / ih] * 2)
     masks = paste_masks_in_image(probs, boxes, (h, w), threshold=0.5)

@@ -31,8 +31,9 @@ class QueryInstHead(nn.Module):
 
     In training, a ``match_fn`` assigns queries to ground truth after each stage and only the
     matched queries go through that stage's mask head (as the official code: the mask-head
-    BatchNorm sees the positives of the batch). In inference only the last mask head runs, on all
-    queries, unless ``all_stage_masks`` is asked for.
+    BatchNorm sees the positives of the batch). In inference the mask heads do not run here (the
+    meta-architecture runs the last one on the detected queries, :meth:`mask_forward`) unless
+    ``all_stage_masks`` is asked for.
     """
 
     @configurable
@@ -168,15 +169,15 @@ class QueryInstHead(nn.Module):
             queries: (B, N, C) initial proposal features.
             match_fn: training only; see ``MatchFn``. Enables the mask heads on matched queries.
             all_stage_masks: inference: run every stage's mask head on all queries (analysis and
-                parity tests), instead of the last one only.
+                parity tests).
 
         Returns:
             One dict per stage with ``input_boxes`` (B, N, 4), ``pred_logits`` (B, N, K),
             ``pred_boxes`` (B, N, 4, with gradient), ``queries`` (B, N, C), ``attn_queries``
             (B, N, C); with ``match_fn``: ``indices`` (list of (query idx, GT idx) per image) and,
             with masks, ``pos_mask_logits`` (P, K, 28, 28) for the matched queries in image-major
-            order (None, with a zero ``mask_zero_loss``, when the batch has no GT); in inference,
-            ``pred_mask_logits`` (B, N, K, 28, 28) for the stages that ran.
+            order (None, with a zero ``mask_zero_loss``, when the batch has no GT); with
+            ``all_stage_masks``, ``pred_mask_logits`` (B, N, K, 28, 28).
         """
         outputs = []
         B, N, _ = boxes.shape
@@ -209,7 +210,7 @@ class QueryInstHead(nn.Module):
                     out["pos_mask_logits"] = self.mask_forward(
                         s, features, rois, attn_queries[batch_idx, query_idx]
                     )
-            elif self.mask_on and (all_stage_masks or s == self.num_stages - 1):
+            elif self.mask_on and all_stage_masks:
                 mask_logits = self.mask_forward(
                     s, features, boxes_to_rois(boxes), attn_queries.reshape(B * N, -1)
                 )

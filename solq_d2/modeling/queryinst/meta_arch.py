@@ -177,25 +177,36 @@ class QueryInst(nn.Module):
         input-image coordinates with 28x28 mask probabilities (``pred_masks`` (k, 1, 28, 28))."""
         assert not self.training
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_stages(images)
-        return self.detections(outputs, images, batched_inputs, do_postprocess)
+        features, outputs = self.forward_stages(images)
+        return self.detections(features, outputs, images, batched_inputs, do_postprocess)
 
     def detections(
         self,
+        features: List[torch.Tensor],
         outputs: List[Dict[str, torch.Tensor]],
         images: ImageList,
         batched_inputs: List[Dict],
         do_postprocess: bool = True,
     ):
-        """Top-k detections of the last stage (:func:`select_topk`) and, with ``do_postprocess``,
-        their resizing to each input's ``height`` x ``width`` (:func:`rescale_instances`)."""
+        """Top-k detections of the last stage (:func:`select_topk`), the last mask head run on
+        the detected queries, and, with ``do_postprocess``, the resizing to each input's
+        ``height`` x ``width`` (:func:`rescale_instances`)."""
         last = outputs[-1]
+        mask_logits_fn = None
+        if self.mask_on:
+
+            def mask_logits_fn(batch_idx, query_idx):
+                boxes = last["pred_boxes"][batch_idx, query_idx]
+                rois = torch.cat([batch_idx[:, None].to(boxes.dtype), boxes], dim=1)
+                queries = last["attn_queries"][batch_idx, query_idx]
+                return self.head.mask_forward(len(outputs) - 1, features, rois, queries)
+
         results = select_topk(
             last["pred_logits"],
             last["pred_boxes"],
-            last.get("pred_mask_logits"),
             images.image_sizes,
             self.test_topk,
+            mask_logits_fn,
         )
         if not do_postprocess:
             return results
@@ -207,12 +218,16 @@ class QueryInst(nn.Module):
             processed.append({"instances": r})
         return processed
 
-    def forward_stages(
-        self, images: ImageList, all_stage_masks: bool = False
-    ) -> List[Dict[str, torch.Tensor]]:
-        """Backbone, proposals and the S stages without matching (see :class:`QueryInstHead`)."""
+    def forward_stages(self, images: ImageList, all_stage_masks: bool = False):
+        """Backbone, proposals and the S stages without matching.
+
+        Returns:
+            features: the pooled FPN maps; outputs: the per-stage dicts of
+            :class:`QueryInstHead` (with every stage's ``pred_mask_logits`` on all queries if
+            ``all_stage_masks``, for analysis).
+        """
         features, boxes, queries, _ = self._prepare(images)
-        return self.head(features, boxes, queries, all_stage_masks=all_stage_masks)
+        return features, self.head(features, boxes, queries, all_stage_masks=all_stage_masks)
 
     def _prepare(self, images: ImageList):
         features = self.backbone(images.tensor)

@@ -1,6 +1,6 @@
 """QueryInst inference: top-k over queries x classes of the last stage, mask pasting."""
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from detectron2.layers import paste_masks_in_image
@@ -8,13 +8,15 @@ from detectron2.structures import Boxes, Instances
 
 __all__ = ["select_topk", "rescale_instances", "paste_masks"]
 
+MaskLogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def select_topk(
     logits: torch.Tensor,
     boxes: torch.Tensor,
-    mask_logits: Optional[torch.Tensor],
     image_sizes: List[Tuple[int, int]],
     topk: int,
+    mask_logits_fn: Optional[MaskLogitsFn] = None,
 ) -> List[Instances]:
     """Official ``simple_test``: per image, the k highest sigmoid scores over the flattened N x K
     entries (no threshold, no NMS; one query may appear with several classes).
@@ -22,28 +24,39 @@ def select_topk(
     Args:
         logits: (B, N, K) last-stage class logits.
         boxes: (B, N, 4) last-stage xyxy boxes in input pixels.
-        mask_logits: (B, N, K, M, M) last-stage mask logits, or None.
         image_sizes: (h, w) of each unpadded input image.
         topk: k (clamped to N*K).
+        mask_logits_fn: ``(batch_idx (R,), query_idx (R,)) -> (R, K, M, M)`` mask logits of
+            those queries; called once, for the distinct queries among the detections of the
+            batch (the official code runs the mask head on all N queries: same result, as the
+            head treats every RoI independently at inference).
 
     Returns:
         Per image :class:`Instances` of the input size with ``pred_boxes``, ``scores``,
-        ``pred_classes`` and, with masks, ``pred_masks`` (k, 1, M, M) probabilities of the
-        selected class channel; sorted by decreasing score.
+        ``pred_classes`` and, with ``mask_logits_fn``, ``pred_masks`` (k, 1, M, M)
+        probabilities of each detection's class channel; sorted by decreasing score.
     """
     B, N, K = logits.shape
     scores = logits.sigmoid().flatten(1)  # (B, N*K)
     k = min(topk, N * K)
     top_scores, top_idx = scores.topk(k, dim=1, sorted=True)
     query_idx = torch.div(top_idx, K, rounding_mode="floor")
+    classes = top_idx % K
+    probs = None
+    if mask_logits_fn is not None:
+        flat = torch.arange(B, device=logits.device)[:, None] * N + query_idx
+        unique, inverse = torch.unique(flat.flatten(), return_inverse=True)
+        mask_logits = mask_logits_fn(torch.div(unique, N, rounding_mode="floor"), unique % N)
+        probs = mask_logits[inverse, classes.flatten()].sigmoid()
+        probs = probs.view(B, k, 1, *mask_logits.shape[-2:])
     results = []
     for b, image_size in enumerate(image_sizes):
         res = Instances(image_size)
         res.pred_boxes = Boxes(boxes[b, query_idx[b]])
         res.scores = top_scores[b]
-        res.pred_classes = top_idx[b] % K
-        if mask_logits is not None:
-            res.pred_masks = mask_logits[b].flatten(0, 1)[top_idx[b]].sigmoid()[:, None]
+        res.pred_classes = classes[b]
+        if probs is not None:
+            res.pred_masks = probs[b]
         results.append(res)
     return results
 
