@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from .test_soit_fixture import query_alignment
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -191,3 +193,65 @@ def test_config_errors_are_clear():
     batch[0]["instances"].remove("gt_masks")
     with pytest.raises(ValueError, match="gt_masks"):
         model(batch)
+
+
+_FALLBACK_SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("t", sys.argv[1])
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+from detectron2.modeling import build_model
+from solq_d2.layers import _ext
+assert not _ext.available(), "the extension should be hidden"
+torch.manual_seed(0)
+model = build_model(t.tiny_cfg()).eval()
+model.load_state_dict(torch.load(sys.argv[2], weights_only=True))
+batch = [{"image": x["image"]} for x in t.shapes_batch()]
+with torch.no_grad():
+    out = model.forward_outputs(model.preprocess_image(batch))
+torch.save({"logits": out["pred_logits"], "params": out["pred_params"],
+            "fmask": out["mask_features"], "tokens": out["enc_topk_indices"]}, sys.argv[3])
+"""
+
+
+def test_pure_pytorch_fallback_gives_the_same_outputs(tmp_path):
+    """Without solq_d2._C (SOLQ_D2_DISABLE_EXT=1) the model runs on the PyTorch implementations
+    of both ops and produces the same outputs."""
+    import os
+    import subprocess
+    import sys
+
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    script = tmp_path / "fallback.py"
+    script.write_text(_FALLBACK_SCRIPT)
+    env = dict(os.environ, SOLQ_D2_DISABLE_EXT="1")
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            __file__,
+            str(tmp_path / "weights.pth"),
+            str(tmp_path / "out.pt"),
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)
+    batch = [{"image": x["image"]} for x in shapes_batch()]
+    with torch.no_grad():
+        ours = model.forward_outputs(model.preprocess_image(batch))
+    torch.testing.assert_close(ours["mask_features"], theirs["fmask"], rtol=1e-4, atol=1e-4)
+    for b in range(len(batch)):  # same proposals; their order may differ at near-ties
+        p = query_alignment(ours["enc_topk_indices"][b], theirs["tokens"][b])
+        torch.testing.assert_close(
+            ours["pred_logits"][b][p], theirs["logits"][b], rtol=1e-4, atol=1e-4
+        )
+        torch.testing.assert_close(
+            ours["pred_params"][b][p], theirs["params"][b], rtol=1e-4, atol=1e-4
+        )
