@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from .test_soit_fixture import query_alignment
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -222,6 +220,8 @@ def test_pure_pytorch_fallback_gives_the_same_outputs(tmp_path):
     import sys
 
     from detectron2.modeling import build_model
+
+    from .test_soit_fixture import query_alignment  # (this module is also run as a script)
 
     torch.manual_seed(0)
     model = build_model(tiny_cfg()).eval()
