@@ -123,7 +123,9 @@ void backward_row(const G& g, const RowTask<T>& t, const T* grad_row, T* gF, T* 
   T dlin[3 * G::kMaxMK][kPB];
   T dq[G::kMaxC][kPB];
   const int C = g.C;
-  auto scatter = [gF, C](int32_t idx, int c, T v) { gF[static_cast<int64_t>(idx) * C + c] += v; };
+  auto scatter = [gF, C](const Corners<T>& cr, int q, int c, T v) {
+    gF[static_cast<int64_t>(cr.idx[q]) * C + c] += v;
+  };
   for (int j0 = 0; j0 < t.W; j0 += kPB) {
     const int np = imin(kPB, t.W - j0);
     bool any = false;

@@ -242,6 +242,7 @@ SOIT_HD T pixel_coord(const Axis<T>& a, T ref, T off) {
 
 template <typename T>
 struct Corners {
+  int32_t x0, y0;  // corner q sits at (y0 + (q >> 1), x0 + (q & 1))
   int32_t idx[4];  // flat pixel index y * W + x of corners (y0,x0), (y0,x1), (y1,x0), (y1,x1)
   bool ok[4];      // corner inside the valid region (the others read 0 and receive no gradient)
   T w[4];          // bilinear weights
@@ -262,6 +263,8 @@ SOIT_HD bool bilinear_corners(T x, T y, int hv, int wv, int W, Corners<T>& c) {
   int y0 = static_cast<int>(y);
   y0 -= (y < static_cast<T>(y0)) ? 1 : 0;
   const int x1 = x0 + 1, y1 = y0 + 1;
+  c.x0 = x0;
+  c.y0 = y0;
   c.hx = static_cast<T>(x1) - x;
   c.lx = x - static_cast<T>(x0);
   c.hy = static_cast<T>(y1) - y;
@@ -289,13 +292,16 @@ SOIT_HD bool bilinear_corners(T x, T y, int hv, int wv, int W, Corners<T>& c) {
 template <typename T>
 SOIT_HD void softmax_k(T* l, int K, int stride) {
   T mx = l[0];
+  SOIT_UNROLL
   for (int k = 1; k < K; ++k) mx = l[k * stride] > mx ? l[k * stride] : mx;
   T sum = 0;
+  SOIT_UNROLL
   for (int k = 0; k < K; ++k) {
     const T e = exp_(l[k * stride] - mx);
     l[k * stride] = e;
     sum += e;
   }
+  SOIT_UNROLL
   for (int k = 0; k < K; ++k) l[k * stride] = l[k * stride] / sum;
 }
 
@@ -313,13 +319,17 @@ SOIT_HD void sample_pixel(
     const T* ys,
     int st,
     T* s) {
+  SOIT_UNROLL
   for (int c = 0; c < g.C; ++c) s[c] = 0;
+  SOIT_UNROLL
   for (int m = 0; m < g.M; ++m) {
+    SOIT_UNROLL
     for (int k = 0; k < g.K; ++k) {
       const int r = (m * g.K + k) * st;
       Corners<T> cr;
       if (!bilinear_corners(xs[r], ys[r], hv, wv, W, cr)) continue;
       const T am = a[r];
+      SOIT_UNROLL
       for (int ch = 0; ch < g.CH; ++ch) {
         const int c = m * g.CH + ch;
         T v = 0;
@@ -338,7 +348,7 @@ SOIT_UNROLL
 // Inputs: s (C,) from sample_pixel, the upstream gradient gl of the logit, theta, and the same
 // a/x/y as sample_pixel. Outputs: d_lin[r * st] for the 3*M*K projection rows (offsets dx, dy, then
 // attention logits), the gradient of W_out (dw_out[c] += gl * relu(s_c)); the value gradients are
-// passed to scatter(flat_pixel_index, channel, value).
+// passed to scatter(corners, q, channel, value) for corner q of `corners` (inside the valid region).
 template <typename T, class G, class Scatter>
 SOIT_HD void backward_pixel(
     const G& g,
@@ -358,13 +368,16 @@ SOIT_HD void backward_pixel(
     Scatter&& scatter) {
   T d_o[G::kMaxC];
   const T* w_out = theta + ofs_w_out(g);
+  SOIT_UNROLL
   for (int c = 0; c < g.C; ++c) {
     const T o = s[c] > static_cast<T>(0) ? s[c] : static_cast<T>(0);
     dw_out[c] += gl * o;
     d_o[c] = s[c] > static_cast<T>(0) ? gl * w_out[c] : static_cast<T>(0);
   }
+  SOIT_UNROLL
   for (int m = 0; m < g.M; ++m) {
     T da_sum = 0;
+    SOIT_UNROLL
     for (int k = 0; k < g.K; ++k) {
       const int mk = m * g.K + k;
       const int r = mk * st;
@@ -372,6 +385,7 @@ SOIT_HD void backward_pixel(
       Corners<T> cr;
       if (bilinear_corners(xs[r], ys[r], hv, wv, W, cr)) {
         const T am = a[r];
+        SOIT_UNROLL
         for (int ch = 0; ch < g.CH; ++ch) {
           const int c = m * g.CH + ch;
           const T go = d_o[c];
@@ -389,7 +403,7 @@ SOIT_UNROLL
           const T gv = am * go;
 SOIT_UNROLL
           for (int q = 0; q < 4; ++q) {
-            if (cr.ok[q]) scatter(cr.idx[q], c, cr.w[q] * gv);
+            if (cr.ok[q]) scatter(cr, q, c, cr.w[q] * gv);
           }
         }
         dx *= am;
@@ -400,6 +414,7 @@ SOIT_UNROLL
       d_lin[(2 * g.MK + mk) * st] = da;  // d a_mk for now; softmax backward below
       da_sum += a[r] * da;
     }
+    SOIT_UNROLL
     for (int k = 0; k < g.K; ++k) {
       const int mk = m * g.K + k;
       T& d = d_lin[(2 * g.MK + mk) * st];
