@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["matches", "convert", "checkpoint_config", "model_config", "COCO_CATEGORY_IDS"]
 
-# The 80 COCO category ids in Detectron2's contiguous order (also in solq_d2.modeling.solq).
+# The 80 COCO category ids in Detectron2's contiguous order (COCO 2017 instances json).
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
     31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,

@@ -180,3 +180,15 @@ def test_cli_prints_renames_and_writes_loadable_file(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode == 1 and "not an official SOLQ checkpoint" in bad.stderr
+
+
+def test_coco_ids_are_detectron2s_contiguous_order():
+    from detectron2.data.datasets.builtin_meta import _get_coco_instances_meta
+
+    from solq_d2.modeling.solq import coco_id_to_contiguous_table
+
+    meta = _get_coco_instances_meta()["thing_dataset_id_to_contiguous_id"]
+    assert {cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)} == meta
+    table = coco_id_to_contiguous_table(91)
+    assert all(table[cid] == i for cid, i in meta.items())
+    assert (table >= 0).sum() == 80 and table[0] == -1 and table[12] == -1

@@ -39,7 +39,9 @@ def test_config_builds(path):
     t, s = cfg.MODEL.DEFORMABLE_TRANSFORMER, cfg.MODEL.SOLQ
     assert type(model).__name__ == "SOLQ" and cfg.MODEL.META_ARCHITECTURE == "SOLQ"
     assert model.transformer.d_model == t.HIDDEN_DIM
-    assert model.query_embed.weight.shape == (s.NUM_QUERIES, 2 * t.HIDDEN_DIM)
+    assert model.num_queries == s.NUM_QUERIES and model.two_stage == t.TWO_STAGE
+    if not t.TWO_STAGE:
+        assert model.query_embed.weight.shape == (s.NUM_QUERIES, 2 * t.HIDDEN_DIM)
     assert model.class_embed[0].out_features == s.NUM_CLASSES
     assert cfg.INPUT.FORMAT == "RGB" and s.SIZE_DIVISIBILITY == 0
     assert not cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS

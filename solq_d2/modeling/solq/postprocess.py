@@ -7,6 +7,7 @@ from detectron2.layers import paste_masks_in_image
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import box_convert
 
+from ...checkpoint.convert_solq import COCO_CATEGORY_IDS  # torch-only module, one list
 from .dct import DCTMaskCoder
 
 __all__ = [
@@ -15,14 +16,6 @@ __all__ = [
     "COCO_CATEGORY_IDS",
     "coco_id_to_contiguous_table",
 ]
-
-# The 80 COCO category ids, in Detectron2's contiguous order (COCO 2017 instances json).
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
-    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
-    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
-    85, 86, 87, 88, 89, 90,
-)  # fmt: skip
 
 
 def coco_id_to_contiguous_table(num_classes: int = 91) -> torch.Tensor:
