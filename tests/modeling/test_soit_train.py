@@ -255,3 +255,33 @@ def test_pure_pytorch_fallback_gives_the_same_outputs(tmp_path):
         torch.testing.assert_close(
             ours["pred_params"][b][p], theirs["params"][b], rtol=1e-4, atol=1e-4
         )
+
+
+def test_narrow_resnet_backbone():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_backbone
+
+    cfg = tiny_cfg()
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    shapes = backbone.output_shape()
+    assert {k: (v.channels, v.stride) for k, v in shapes.items()} == {
+        "res3": (64, 8),
+        "res4": (128, 16),
+        "res5": (256, 32),
+    }
+    out = backbone(torch.randn(1, 3, 64, 96))
+    assert out["res5"].shape == (1, 256, 2, 3)
+    r18 = build_backbone(
+        tiny_cfg(
+            **{
+                "MODEL.BACKBONE.NAME": "build_resnet_backbone",
+                "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+                "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+            }
+        ),
+        ShapeSpec(channels=3),
+    )
+    n = sum(p.numel() for p in backbone.parameters())
+    assert n < sum(p.numel() for p in r18.parameters()) / 3
+    with pytest.raises(ValueError, match="DEPTH 18 or 34"):
+        build_backbone(tiny_cfg(**{"MODEL.RESNETS.DEPTH": 50}), ShapeSpec(channels=3))
