@@ -121,6 +121,50 @@ SOIT_VI Mask vcorners(V x, V y, const RowTask<float>& t, int C, int ch0, VCorner
   return in;
 }
 
+// The four corners' values of channel `ch` (element offset from the head's first channel).
+SOIT_VI void gather_corners(const RowTask<float>& t, const VCorners& cr, int C, int ch, V* v) {
+  const VI i0 = _mm512_add_epi32(cr.i00, iset(ch));
+  const VI i1 = _mm512_add_epi32(i0, iset(C));
+  const VI dy = iset(t.W * C);
+  v[0] = _mm512_mask_i32gather_ps(vzero(), cr.k[0], i0, t.Fb, 4);
+  v[1] = _mm512_mask_i32gather_ps(vzero(), cr.k[1], i1, t.Fb, 4);
+  v[2] = _mm512_mask_i32gather_ps(vzero(), cr.k[2], _mm512_add_epi32(i0, dy), t.Fb, 4);
+  v[3] = _mm512_mask_i32gather_ps(vzero(), cr.k[3], _mm512_add_epi32(i1, dy), t.Fb, 4);
+}
+
+// Channels `ch` and `ch + 1` (adjacent floats) of 16 lanes at element index idx: two 8-lane
+// 64-bit gathers, de-interleaved (half the gathered elements of two 32-bit gathers).
+SOIT_VI void gather_pair(const float* base, Mask k, VI idx, V& c0, V& c1) {
+  const __m512d zero = _mm512_setzero_pd();
+  const __m512d lo = _mm512_mask_i32gather_pd(
+      zero, static_cast<__mmask8>(k & 0xFFu), _mm512_castsi512_si256(idx), base, 4);
+  const __m512d hi = _mm512_mask_i32gather_pd(
+      zero, static_cast<__mmask8>(k >> 8), _mm512_extracti64x4_epi64(idx, 1), base, 4);
+  const VI even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const VI odd = _mm512_add_epi32(even, iset(1));
+  c0 = _mm512_permutex2var_ps(_mm512_castpd_ps(lo), even, _mm512_castpd_ps(hi));
+  c1 = _mm512_permutex2var_ps(_mm512_castpd_ps(lo), odd, _mm512_castpd_ps(hi));
+}
+
+// The four corners' values of channels `ch` (va) and `ch + 1` (vb).
+SOIT_VI void gather_corners_pair(
+    const RowTask<float>& t, const VCorners& cr, int C, int ch, V* va, V* vb) {
+  const VI i0 = _mm512_add_epi32(cr.i00, iset(ch));
+  const VI i1 = _mm512_add_epi32(i0, iset(C));
+  const VI dy = iset(t.W * C);
+  gather_pair(t.Fb, cr.k[0], i0, va[0], vb[0]);
+  gather_pair(t.Fb, cr.k[1], i1, va[1], vb[1]);
+  gather_pair(t.Fb, cr.k[2], _mm512_add_epi32(i0, dy), va[2], vb[2]);
+  gather_pair(t.Fb, cr.k[3], _mm512_add_epi32(i1, dy), va[3], vb[3]);
+}
+
+SOIT_VI V interp(const VCorners& cr, const V* v) {
+  V r = _mm512_mul_ps(cr.w[0], v[0]);
+  r = _mm512_fmadd_ps(cr.w[1], v[1], r);
+  r = _mm512_fmadd_ps(cr.w[2], v[2], r);
+  return _mm512_fmadd_ps(cr.w[3], v[3], r);
+}
+
 template <class G>
 struct VBlock {
   Mask live;  // lanes j0 + p < W
@@ -178,7 +222,8 @@ SOIT_TGT void project(const G& g, const RowTask<float>& t, int j0, VBlock<G>& b)
       l[k] = vexp(_mm512_sub_ps(l[k], mx));
       sum = _mm512_add_ps(sum, l[k]);
     }
-    for (int k = 0; k < g.K; ++k) l[k] = _mm512_div_ps(l[k], sum);
+    const V inv = _mm512_div_ps(vset(1.0f), sum);  // as PyTorch's softmax: e * (1 / sum)
+    for (int k = 0; k < g.K; ++k) l[k] = _mm512_mul_ps(l[k], inv);
   }
   // mul_round: a separately rounded product, never contracted with the addition in vcoord
   const V refx = _mm512_mul_round_ps(
@@ -194,7 +239,7 @@ SOIT_TGT void project(const G& g, const RowTask<float>& t, int j0, VBlock<G>& b)
 // s[c] for the block's pixels (sample_pixel() per lane).
 template <class G>
 SOIT_TGT void sample(const G& g, const RowTask<float>& t, const VBlock<G>& b, V* s) {
-  const int C = g.C, WC = t.W * C;
+  const int C = g.C;
   for (int c = 0; c < C; ++c) s[c] = vzero();
   for (int m = 0; m < g.M; ++m) {
     for (int k = 0; k < g.K; ++k) {
@@ -202,20 +247,18 @@ SOIT_TGT void sample(const G& g, const RowTask<float>& t, const VBlock<G>& b, V*
       VCorners cr;
       if (vcorners(b.xs[r], b.ys[r], t, C, m * g.CH, cr) == 0) continue;
       const V a = b.lin[2 * g.MK + r];
-      for (int ch = 0; ch < g.CH; ++ch) {
-        const VI i0 = _mm512_add_epi32(cr.i00, iset(ch));
-        const VI i1 = _mm512_add_epi32(i0, iset(C));
-        V v = _mm512_mul_ps(cr.w[0], _mm512_mask_i32gather_ps(vzero(), cr.k[0], i0, t.Fb, 4));
-        v = _mm512_fmadd_ps(cr.w[1], _mm512_mask_i32gather_ps(vzero(), cr.k[1], i1, t.Fb, 4), v);
-        v = _mm512_fmadd_ps(
-            cr.w[2],
-            _mm512_mask_i32gather_ps(vzero(), cr.k[2], _mm512_add_epi32(i0, iset(WC)), t.Fb, 4),
-            v);
-        v = _mm512_fmadd_ps(
-            cr.w[3],
-            _mm512_mask_i32gather_ps(vzero(), cr.k[3], _mm512_add_epi32(i1, iset(WC)), t.Fb, 4),
-            v);
-        s[m * g.CH + ch] = _mm512_fmadd_ps(a, v, s[m * g.CH + ch]);
+      V* sm = s + m * g.CH;
+      int ch = 0;
+      for (; ch + 1 < g.CH; ch += 2) {
+        V va[4], vb[4];
+        gather_corners_pair(t, cr, C, ch, va, vb);
+        sm[ch] = _mm512_fmadd_ps(a, interp(cr, va), sm[ch]);
+        sm[ch + 1] = _mm512_fmadd_ps(a, interp(cr, vb), sm[ch + 1]);
+      }
+      for (; ch < g.CH; ++ch) {
+        V v[4];
+        gather_corners(t, cr, C, ch, v);
+        sm[ch] = _mm512_fmadd_ps(a, interp(cr, v), sm[ch]);
       }
     }
   }
@@ -257,6 +300,29 @@ SOIT_VI void scatter_add(float* gF, Mask k, VI idx, V val) {
   }
 }
 
+// Backward of one channel of one sample (backward_pixel() per lane): accumulates d a (da) and
+// the position gradients (dx, dy, before the factor a), scatters the value gradients.
+SOIT_VI void channel_backward(
+    float* gF, const RowTask<float>& t, const VCorners& cr, int C, int ch, const V* v, V go, V a,
+    V& da, V& dx, V& dy) {
+  da = _mm512_fmadd_ps(go, interp(cr, v), da);
+  // d val / dx and d val / dy
+  const V gx = _mm512_fmadd_ps(
+      cr.hy, _mm512_sub_ps(v[1], v[0]), _mm512_mul_ps(cr.ly, _mm512_sub_ps(v[3], v[2])));
+  const V gy = _mm512_fmadd_ps(
+      cr.hx, _mm512_sub_ps(v[2], v[0]), _mm512_mul_ps(cr.lx, _mm512_sub_ps(v[3], v[1])));
+  dx = _mm512_fmadd_ps(go, gx, dx);
+  dy = _mm512_fmadd_ps(go, gy, dy);
+  const V gv = _mm512_mul_ps(a, go);
+  const VI i0 = _mm512_add_epi32(cr.i00, iset(ch));
+  const VI i1 = _mm512_add_epi32(i0, iset(C));
+  const VI dyi = iset(t.W * C);
+  scatter_add(gF, cr.k[0], i0, _mm512_mul_ps(cr.w[0], gv));
+  scatter_add(gF, cr.k[1], i1, _mm512_mul_ps(cr.w[1], gv));
+  scatter_add(gF, cr.k[2], _mm512_add_epi32(i0, dyi), _mm512_mul_ps(cr.w[2], gv));
+  scatter_add(gF, cr.k[3], _mm512_add_epi32(i1, dyi), _mm512_mul_ps(cr.w[3], gv));
+}
+
 template <class G>
 SOIT_TGT void backward_row_v(
     const G& g, const RowTask<float>& t, const float* grad_row, float* gF, float* dtheta) {
@@ -290,32 +356,18 @@ SOIT_TGT void backward_row_v(
         V da = vzero(), dx = vzero(), dy = vzero();
         VCorners cr;
         if (vcorners(b.xs[r], b.ys[r], t, C, m * g.CH, cr) != 0) {
-          for (int ch = 0; ch < g.CH; ++ch) {
-            const VI i0 = _mm512_add_epi32(cr.i00, iset(ch));
-            const VI i1 = _mm512_add_epi32(i0, iset(C));
-            const VI i2 = _mm512_add_epi32(i0, iset(WC));
-            const VI i3 = _mm512_add_epi32(i1, iset(WC));
-            const V v0 = _mm512_mask_i32gather_ps(vzero(), cr.k[0], i0, t.Fb, 4);
-            const V v1 = _mm512_mask_i32gather_ps(vzero(), cr.k[1], i1, t.Fb, 4);
-            const V v2 = _mm512_mask_i32gather_ps(vzero(), cr.k[2], i2, t.Fb, 4);
-            const V v3 = _mm512_mask_i32gather_ps(vzero(), cr.k[3], i3, t.Fb, 4);
-            const V go = d_o[m * g.CH + ch];
-            V val = _mm512_mul_ps(cr.w[0], v0);
-            val = _mm512_fmadd_ps(cr.w[1], v1, val);
-            val = _mm512_fmadd_ps(cr.w[2], v2, val);
-            val = _mm512_fmadd_ps(cr.w[3], v3, val);
-            da = _mm512_fmadd_ps(go, val, da);
-            const V gx = _mm512_fmadd_ps(
-                cr.hy, _mm512_sub_ps(v1, v0), _mm512_mul_ps(cr.ly, _mm512_sub_ps(v3, v2)));
-            const V gy = _mm512_fmadd_ps(
-                cr.hx, _mm512_sub_ps(v2, v0), _mm512_mul_ps(cr.lx, _mm512_sub_ps(v3, v1)));
-            dx = _mm512_fmadd_ps(go, gx, dx);
-            dy = _mm512_fmadd_ps(go, gy, dy);
-            const V gv = _mm512_mul_ps(a, go);
-            scatter_add(gF, cr.k[0], i0, _mm512_mul_ps(cr.w[0], gv));
-            scatter_add(gF, cr.k[1], i1, _mm512_mul_ps(cr.w[1], gv));
-            scatter_add(gF, cr.k[2], i2, _mm512_mul_ps(cr.w[2], gv));
-            scatter_add(gF, cr.k[3], i3, _mm512_mul_ps(cr.w[3], gv));
+          const V* go = d_o + m * g.CH;
+          int ch = 0;
+          for (; ch + 1 < g.CH; ch += 2) {
+            V va[4], vb[4];
+            gather_corners_pair(t, cr, C, ch, va, vb);
+            channel_backward(gF, t, cr, C, ch, va, go[ch], a, da, dx, dy);
+            channel_backward(gF, t, cr, C, ch + 1, vb, go[ch + 1], a, da, dx, dy);
+          }
+          for (; ch < g.CH; ++ch) {
+            V v[4];
+            gather_corners(t, cr, C, ch, v);
+            channel_backward(gF, t, cr, C, ch, v, go[ch], a, da, dx, dy);
           }
         }
         dlin[2 * r] = _mm512_mul_ps(a, dx);

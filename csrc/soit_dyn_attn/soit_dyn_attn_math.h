@@ -288,7 +288,7 @@ SOIT_HD bool bilinear_corners(T x, T y, int hv, int wv, int W, Corners<T>& c) {
 // ------------------------------------------------------------------------------------------------
 // Per-pixel pieces.
 
-// In-place softmax of K logits spaced `stride` apart (max-subtracted).
+// In-place softmax of K logits spaced `stride` apart (max-subtracted, as PyTorch computes it).
 template <typename T>
 SOIT_HD void softmax_k(T* l, int K, int stride) {
   T mx = l[0];
@@ -301,8 +301,9 @@ SOIT_HD void softmax_k(T* l, int K, int stride) {
     l[k * stride] = e;
     sum += e;
   }
+  const T inv = static_cast<T>(1) / sum;  // as PyTorch's softmax: e * (1 / sum)
   SOIT_UNROLL
-  for (int k = 0; k < K; ++k) l[k * stride] = l[k * stride] / sum;
+  for (int k = 0; k < K; ++k) l[k * stride] = l[k * stride] * inv;
 }
 
 // s[C] = sum over (m, k) of a[m*K+k] * bilinear(Vb, (x, y)[m*K+k]) on head m's channels.
