@@ -55,11 +55,6 @@ namespace solq_d2 {
 namespace msda {
 namespace {
 
-struct Level {
-  int32_t H, W;
-  int64_t start;
-};
-
 template <typename scalar_t, typename acc_t>
 struct Args {
   const scalar_t* value;   // (B, S, M, D)
@@ -71,7 +66,9 @@ struct Args {
   acc_t* grad_value_part;  // (B, M, n_chunks - 1, S, D), backward only
   acc_t* grad_loc;         // like loc, backward only
   acc_t* grad_attn;        // like attn, backward only
-  const Level* levels;     // (L,)
+  const int32_t* sample_H;      // (L * P,) height of each sample's level
+  const int32_t* sample_W;      // (L * P,) width
+  const int64_t* sample_start;  // (L * P,) first token of the level
   int64_t B, S, M, D, Q, L, P;
   int64_t n_chunks;        // query chunks per (b, m) in the backward
 };
@@ -130,11 +127,28 @@ SOLQ_D2_INLINE void store_vec(scalar_t* p, const vec_t<acc_t>& v) {
   }
 }
 
+// Sum of the N values at x by halving (a fixed tree: log2(N) vector adds, not N serial ones).
+template <typename acc_t, int N>
+SOLQ_D2_INLINE acc_t tree_sum(const acc_t* x) {
+  if constexpr (N == 1) {
+    return x[0];
+  } else {
+    typedef acc_t half_t __attribute__((vector_size(N / 2 * sizeof(acc_t))));
+    half_t lo, hi;
+    std::memcpy(&lo, x, sizeof(lo));
+    std::memcpy(&hi, x + N / 2, sizeof(hi));
+    const half_t sum = lo + hi;
+    acc_t next[N / 2];
+    std::memcpy(next, &sum, sizeof(sum));
+    return tree_sum<acc_t, N / 2>(next);
+  }
+}
+
 template <typename acc_t>
 SOLQ_D2_INLINE acc_t hsum(const vec_t<acc_t>& v) {
-  acc_t r = 0;
-  for (int j = 0; j < kLanes<acc_t>; ++j) r += v[j];
-  return r;
+  acc_t lanes[kLanes<acc_t>];
+  std::memcpy(lanes, &v, sizeof(v));
+  return tree_sum<acc_t, kLanes<acc_t>>(lanes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -194,10 +208,13 @@ SOLQ_D2_INLINE void accumulate_samples(
 template <typename scalar_t, typename acc_t>
 SOLQ_D2_INLINE void forward_range(const Args<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const int64_t MD = a.M * a.D, LP = a.L * a.P;
+  int32_t idx[kMaxSamples][kCorners];
+  acc_t w[kMaxSamples][kCorners];
   const scalar_t* row[kMaxSamples][kCorners];
   acc_t wt[kMaxSamples][kCorners];
   // Corners outside the map read this row (with weight 0): no branch per corner.
   const std::vector<scalar_t> zero_row(a.D, scalar_t(0));
+  const scalar_t* zero = zero_row.data();
   std::vector<acc_t> partial;  // only when a head has more than kMaxSamples samples
   if (LP > kMaxSamples) partial.resize(a.D);
   for (int64_t bq = begin; bq < end; ++bq) {
@@ -205,30 +222,29 @@ SOLQ_D2_INLINE void forward_range(const Args<scalar_t, acc_t>& a, int64_t begin,
     for (int64_t m = 0; m < a.M; ++m) {
       const int64_t r = bq * a.M + m;
       const scalar_t* v = vb + m * a.D;
-      const acc_t* loc = a.loc + r * LP * 2;
-      const acc_t* attn = a.attn + r * LP;
-      int ns = 0;
-      bool flushed = false;
-      for (int64_t l = 0; l < a.L; ++l) {
-        const Level lv = a.levels[l];
-        for (int64_t p = 0; p < a.P; ++p) {
-          const int64_t s = l * a.P + p;
-          int32_t idx[kCorners];
-          acc_t w[kCorners];
-          if (!bilinear_corners(loc[2 * s], loc[2 * s + 1], lv.H, lv.W, idx, w)) continue;
-          const acc_t aw = attn[s];
+      for (int64_t s0 = 0; s0 < LP; s0 += kMaxSamples) {
+        const int n = static_cast<int>(std::min<int64_t>(kMaxSamples, LP - s0));
+        const acc_t* loc = a.loc + (r * LP + s0) * 2;
+        const acc_t* attn = a.attn + r * LP + s0;
+        const int32_t* sH = a.sample_H + s0;
+        const int32_t* sW = a.sample_W + s0;
+        const int64_t* start = a.sample_start + s0;
+        for (int s = 0; s < n; ++s) {  // branch-free: vectorised over samples
+          bilinear_corners(loc[2 * s], loc[2 * s + 1], sH[s], sW[s], idx[s], w[s]);
+        }
+        for (int s = 0; s < n; ++s) {
           for (int k = 0; k < kCorners; ++k) {
-            row[ns][k] = idx[k] >= 0 ? v + (lv.start + idx[k]) * MD : zero_row.data();
-            wt[ns][k] = w[k] * aw;
-          }
-          if (++ns == kMaxSamples) {  // buffer full: accumulate into `partial`
-            accumulate_samples(row, wt, ns, a.D, flushed ? partial.data() : nullptr, partial.data());
-            flushed = true;
-            ns = 0;
+            row[s][k] = idx[s][k] >= 0 ? v + (start[s] + idx[s][k]) * MD : zero;
+            wt[s][k] = w[s][k] * attn[s];
           }
         }
+        const acc_t* init = s0 == 0 ? nullptr : partial.data();
+        if (s0 + n == LP) {
+          accumulate_samples(row, wt, n, a.D, init, a.out + r * a.D);
+        } else {
+          accumulate_samples(row, wt, n, a.D, init, partial.data());
+        }
       }
-      accumulate_samples(row, wt, ns, a.D, flushed ? partial.data() : nullptr, a.out + r * a.D);
     }
   }
 }
@@ -240,8 +256,8 @@ SOLQ_D2_INLINE void forward_range(const Args<scalar_t, acc_t>& a, int64_t begin,
 // returns sum_c g_c * (sum_k w_k v_k), sum_c g_c * (sum_k dwdx_k v_k), same for y.
 template <typename scalar_t, typename acc_t>
 SOLQ_D2_INLINE void backward_sample(
-    const scalar_t* const vr[kCorners],
-    acc_t* const gr[kCorners],
+    const scalar_t* const* vr,
+    acc_t* const* gr,
     const acc_t w[kCorners],
     const acc_t dwdx[kCorners],
     const acc_t dwdy[kCorners],
@@ -284,59 +300,76 @@ SOLQ_D2_INLINE void backward_sample(
 }
 
 // Task t = (b, m, chunk): queries [chunk * Q / n_chunks, (chunk + 1) * Q / n_chunks) of head m.
+//
+// The task works on dense copies of its head's value rows and gradient rows (`vbuf`, `gbuf`,
+// S x D each): in (B, S, M, D) the rows of one head are M * D elements apart (1 KiB for
+// M * D = 256), which maps them onto a fraction of the cache sets and makes the scattered
+// read-modify-writes of the backward miss far more often.
 template <typename scalar_t, typename acc_t>
 SOLQ_D2_INLINE void backward_task(
     const Args<scalar_t, acc_t>& a,
     int64_t t,
     const scalar_t* zero_row,
-    acc_t* sink_rows) {
+    acc_t* sink_rows,
+    scalar_t* vbuf,
+    acc_t* gbuf) {
   const int64_t chunk = t % a.n_chunks, bm = t / a.n_chunks;
   const int64_t b = bm / a.M, m = bm % a.M;
   const int64_t q0 = chunk * a.Q / a.n_chunks, q1 = (chunk + 1) * a.Q / a.n_chunks;
-  const int64_t MD = a.M * a.D, LP = a.L * a.P;
-  const scalar_t* v = a.value + b * a.S * MD + m * a.D;
-  acc_t* gv;
-  int64_t gv_stride;  // elements between two tokens of the grad_value rows this task owns
-  if (chunk == 0) {
-    gv = a.grad_value + b * a.S * MD + m * a.D;
-    gv_stride = MD;
-  } else {
-    gv = a.grad_value_part + ((bm * (a.n_chunks - 1)) + chunk - 1) * a.S * a.D;
-    gv_stride = a.D;
-  }
+  const int64_t MD = a.M * a.D, LP = a.L * a.P, D = a.D;
+  const scalar_t* value_bm = a.value + b * a.S * MD + m * D;
+  for (int64_t s = 0; s < a.S; ++s) std::memcpy(vbuf + s * D, value_bm + s * MD, D * sizeof(scalar_t));
+  const scalar_t* v = vbuf;
+  // chunk 0 accumulates in gbuf and then owns grad_value[b, :, m, :]; the other chunks write
+  // their private (dense) slices of grad_value_part
+  acc_t* gv = chunk == 0 ? gbuf : a.grad_value_part + (bm * (a.n_chunks - 1) + chunk - 1) * a.S * D;
+  if (chunk == 0) std::fill(gbuf, gbuf + a.S * D, acc_t(0));
   acc_t* sink[kCorners];
-  for (int k = 0; k < kCorners; ++k) sink[k] = sink_rows + k * a.D;
+  for (int k = 0; k < kCorners; ++k) sink[k] = sink_rows + k * D;
+  int32_t idx[kMaxSamples][kCorners];
+  acc_t w[kMaxSamples][kCorners], dwdx[kMaxSamples][kCorners], dwdy[kMaxSamples][kCorners];
+  bool touches[kMaxSamples];
+  const scalar_t* vr[kMaxSamples][kCorners];
+  acc_t* gr[kMaxSamples][kCorners];
   for (int64_t q = q0; q < q1; ++q) {
-    const int64_t row = (b * a.Q + q) * a.M + m;
-    const acc_t* loc = a.loc + row * LP * 2;
-    const acc_t* attn = a.attn + row * LP;
-    const acc_t* g = a.grad_out + row * a.D;
-    acc_t* gloc = a.grad_loc + row * LP * 2;
-    acc_t* gattn = a.grad_attn + row * LP;
-    for (int64_t l = 0; l < a.L; ++l) {
-      const Level lv = a.levels[l];
-      for (int64_t p = 0; p < a.P; ++p) {
-        const int64_t s = l * a.P + p;
-        int32_t idx[kCorners];
-        acc_t w[kCorners], dwdx[kCorners], dwdy[kCorners];
-        if (!bilinear_corners_grad(loc[2 * s], loc[2 * s + 1], lv.H, lv.W, idx, w, dwdx, dwdy)) {
+    const int64_t r = (b * a.Q + q) * a.M + m;
+    const acc_t* g = a.grad_out + r * a.D;
+    for (int64_t s0 = 0; s0 < LP; s0 += kMaxSamples) {
+      const int n = static_cast<int>(std::min<int64_t>(kMaxSamples, LP - s0));
+      const acc_t* loc = a.loc + (r * LP + s0) * 2;
+      const acc_t* attn = a.attn + r * LP + s0;
+      acc_t* gloc = a.grad_loc + (r * LP + s0) * 2;
+      acc_t* gattn = a.grad_attn + r * LP + s0;
+      const int32_t* sH = a.sample_H + s0;
+      const int32_t* sW = a.sample_W + s0;
+      const int64_t* start = a.sample_start + s0;
+      for (int s = 0; s < n; ++s) {  // branch-free: vectorised over samples
+        touches[s] = bilinear_corners_grad(
+            loc[2 * s], loc[2 * s + 1], sH[s], sW[s], idx[s], w[s], dwdx[s], dwdy[s]);
+      }
+      for (int s = 0; s < n; ++s) {  // corners outside the map read zeros and write a sink
+        for (int k = 0; k < kCorners; ++k) {
+          const bool in = idx[s][k] >= 0;
+          vr[s][k] = in ? v + (start[s] + idx[s][k]) * D : zero_row;
+          gr[s][k] = in ? gv + (start[s] + idx[s][k]) * D : sink[k];
+        }
+      }
+      for (int s = 0; s < n; ++s) {
+        if (!touches[s]) {
           gloc[2 * s] = gloc[2 * s + 1] = gattn[s] = acc_t(0);
           continue;
         }
-        const scalar_t* vr[kCorners];
-        acc_t* gr[kCorners];
-        for (int k = 0; k < kCorners; ++k) {  // corners outside the map read zeros, write a sink
-          vr[k] = idx[k] >= 0 ? v + (lv.start + idx[k]) * MD : zero_row;
-          gr[k] = idx[k] >= 0 ? gv + (lv.start + idx[k]) * gv_stride : sink[k];
-        }
-        const acc_t aw = attn[s];
         acc_t sa, sx, sy;
-        backward_sample(vr, gr, w, dwdx, dwdy, aw, g, a.D, sa, sx, sy);
+        backward_sample(vr[s], gr[s], w[s], dwdx[s], dwdy[s], attn[s], g, D, sa, sx, sy);
         gattn[s] = sa;
-        gloc[2 * s] = aw * sx;
-        gloc[2 * s + 1] = aw * sy;
+        gloc[2 * s] = attn[s] * sx;
+        gloc[2 * s + 1] = attn[s] * sy;
       }
     }
+  }
+  if (chunk == 0) {
+    acc_t* grad_bm = a.grad_value + b * a.S * MD + m * D;
+    for (int64_t s = 0; s < a.S; ++s) std::memcpy(grad_bm + s * MD, gbuf + s * D, D * sizeof(acc_t));
   }
 }
 
@@ -344,7 +377,11 @@ template <typename scalar_t, typename acc_t>
 SOLQ_D2_INLINE void backward_range(const Args<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   const std::vector<scalar_t> zero_row(a.D, scalar_t(0));
   std::vector<acc_t> sink_rows(kCorners * a.D, acc_t(0));
-  for (int64_t t = begin; t < end; ++t) backward_task(a, t, zero_row.data(), sink_rows.data());
+  std::vector<scalar_t> vbuf(a.S * a.D);
+  std::vector<acc_t> gbuf(a.S * a.D);
+  for (int64_t t = begin; t < end; ++t) {
+    backward_task(a, t, zero_row.data(), sink_rows.data(), vbuf.data(), gbuf.data());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,15 +473,29 @@ const char* isa_name() {
   }
 }
 
-std::vector<Level> read_levels(const Problem& p) {
-  std::vector<Level> levels(p.L);
-  const int64_t* sh = p.spatial_shapes.data_ptr<int64_t>();
-  const int64_t* st = p.level_start_index.data_ptr<int64_t>();
-  for (int64_t l = 0; l < p.L; ++l) {
-    levels[l] = Level{static_cast<int32_t>(sh[2 * l]), static_cast<int32_t>(sh[2 * l + 1]), st[l]};
+// Level geometry of each sample s = l * P + p.
+struct Levels {
+  std::vector<int32_t> H, W;
+  std::vector<int64_t> start;
+
+  explicit Levels(const Problem& p) : H(p.L * p.P), W(p.L * p.P), start(p.L * p.P) {
+    const int64_t* sh = p.spatial_shapes.data_ptr<int64_t>();
+    const int64_t* st = p.level_start_index.data_ptr<int64_t>();
+    for (int64_t s = 0; s < p.L * p.P; ++s) {
+      const int64_t l = s / p.P;
+      H[s] = static_cast<int32_t>(sh[2 * l]);
+      W[s] = static_cast<int32_t>(sh[2 * l + 1]);
+      start[s] = st[l];
+    }
   }
-  return levels;
-}
+
+  template <typename Args>
+  void fill(Args& a) const {
+    a.sample_H = H.data();
+    a.sample_W = W.data();
+    a.sample_start = start.data();
+  }
+};
 
 void check_cpu(const char* op, const at::Tensor& value) {
   TORCH_CHECK(value.device().is_cpu(), op, ": expected CPU tensors, got ", value.device());
@@ -465,7 +516,7 @@ at::Tensor forward_cpu(
       prepare(op, value, spatial_shapes, level_start_index, sampling_loc, attn_weight, true);
   at::Tensor out = at::empty({p.B, p.Q, p.M * p.D}, p.value.options());
   if (out.numel() == 0) return out;
-  const std::vector<Level> levels = read_levels(p);
+  const Levels levels(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.value.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Args<scalar_t, acc_t> a{};
@@ -473,7 +524,7 @@ at::Tensor forward_cpu(
     a.loc = p.loc.data_ptr<acc_t>();
     a.attn = p.attn.data_ptr<acc_t>();
     a.out = out.data_ptr<scalar_t>();
-    a.levels = levels.data();
+    levels.fill(a);
     a.B = p.B, a.S = p.S, a.M = p.M, a.D = p.D, a.Q = p.Q, a.L = p.L, a.P = p.P;
     // ~M * L * P * D multiply-adds per query: aim at >= ~32k per task
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.M * p.L * p.P * p.D));
@@ -498,7 +549,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::ScalarType mt = math_type(p.value.scalar_type());
   const bool low_precision = mt != p.value.scalar_type();
   // grad_value accumulates in the math type (a float32 buffer for float16/bfloat16 values)
-  at::Tensor grad_value = at::zeros(p.value.sizes(), p.value.options().dtype(mt));
+  // every (b, m) slice is written by the task of its first query chunk (or zeroed below)
+  at::Tensor grad_value = at::empty(p.value.sizes(), p.value.options().dtype(mt));
   at::Tensor grad_loc = at::empty(p.loc.sizes(), p.loc.options());
   at::Tensor grad_attn = at::empty(p.attn.sizes(), p.attn.options());
 
@@ -510,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     n_chunks = std::max<int64_t>(1, std::min<int64_t>(n_chunks, p.Q / 64));
     at::Tensor part;
     if (n_chunks > 1) part = at::zeros({pairs, n_chunks - 1, p.S, p.D}, grad_value.options());
-    const std::vector<Level> levels = read_levels(p);
+    const Levels levels(p);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.value.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       Args<scalar_t, acc_t> a{};
@@ -522,7 +574,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       a.grad_value_part = n_chunks > 1 ? part.data_ptr<acc_t>() : nullptr;
       a.grad_loc = grad_loc.data_ptr<acc_t>();
       a.grad_attn = grad_attn.data_ptr<acc_t>();
-      a.levels = levels.data();
+      levels.fill(a);
       a.B = p.B, a.S = p.S, a.M = p.M, a.D = p.D, a.Q = p.Q, a.L = p.L, a.P = p.P;
       a.n_chunks = n_chunks;
       at::parallel_for(0, pairs * n_chunks, 1, [&](int64_t b, int64_t e) { run_backward(a, b, e); });
@@ -532,6 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       gv.add_(part.view({p.B, p.M, n_chunks - 1, p.S, p.D}).sum(2));
     }
   } else {
+    grad_value.zero_();
     grad_loc.zero_();
     grad_attn.zero_();
   }

@@ -38,20 +38,19 @@ namespace msda {
 // 3 = (h0 + 1, w0 + 1).
 constexpr int kCorners = 4;
 
-SOLQ_D2_HD float floor_value(float v) {
-#ifdef __CUDA_ARCH__
-  return floorf(v);
-#else
-  return std::floor(v);
-#endif
+// floor(v) as an integer, for |v| < 2^31 (callers guarantee it). Truncation plus a correction
+// rather than floor(): compilers vectorise it, and it is exact for every such float or double.
+template <typename T>
+SOLQ_D2_HD int32_t floor_to_int(T v) {
+  const int32_t i = static_cast<int32_t>(v);
+  return i - static_cast<int32_t>(v < static_cast<T>(i));
 }
 
-SOLQ_D2_HD double floor_value(double v) {
-#ifdef __CUDA_ARCH__
-  return ::floor(v);
-#else
-  return std::floor(v);
-#endif
+// v clamped to [-1, size]; NaN gives -1. Comparisons and selects only (vectorisable).
+template <typename T>
+SOLQ_D2_HD T clamp_coordinate(T v, T size) {
+  const T lo = v > static_cast<T>(-1) ? v : static_cast<T>(-1);
+  return lo < size ? lo : size;
 }
 
 // Bilinear corners of the normalised location (x, y) on an H x W map (H * W < 2^31), with the
@@ -74,42 +73,48 @@ SOLQ_D2_HD bool bilinear_corners_grad(
     T dwdy[kCorners]) {
   const T h = y * static_cast<T>(H) - static_cast<T>(0.5);
   const T ww = x * static_cast<T>(W) - static_cast<T>(0.5);
-  if (!(h >= static_cast<T>(-1) && ww >= static_cast<T>(-1) && h < static_cast<T>(H) &&
-        ww < static_cast<T>(W))) {
-SOLQ_D2_UNROLL
-    for (int k = 0; k < kCorners; ++k) {
-      idx[k] = -1;
-      w[k] = dwdx[k] = dwdy[k] = static_cast<T>(0);
-    }
-    return false;
-  }
-  const T hf = floor_value(h);
-  const T wf = floor_value(ww);
-  const int32_t h0 = static_cast<int32_t>(hf);
-  const int32_t w0 = static_cast<int32_t>(wf);
-  const T lh = h - hf, lw = ww - wf;
+  // Branch-free (the CPU kernel vectorises a loop of these over samples): `in` is false for
+  // locations off the support and for NaN, whose corners are then all invalid; the coordinates
+  // are clamped to [-1, H] x [-1, W] (NaN -> -1) before the float -> int conversion, which is
+  // therefore always defined and needs no branch.
+  const bool in = (h >= static_cast<T>(-1)) & (ww >= static_cast<T>(-1)) &
+      (h < static_cast<T>(H)) & (ww < static_cast<T>(W));
+  const T hc = clamp_coordinate(h, static_cast<T>(H));
+  const T wc = clamp_coordinate(ww, static_cast<T>(W));
+  const int32_t h0 = floor_to_int(hc);  // in [-1, H - 1]
+  const int32_t w0 = floor_to_int(wc);  // in [-1, W - 1]
+  const T lh = hc - static_cast<T>(h0), lw = wc - static_cast<T>(w0);
   const T hh = static_cast<T>(1) - lh, hw = static_cast<T>(1) - lw;
   const T sx = static_cast<T>(W), sy = static_cast<T>(H);
+  const bool top = in & (h0 >= 0), bottom = in & (h0 + 1 < H);
+  const bool left = w0 >= 0, right = w0 + 1 < W;
   const bool valid[kCorners] = {
-      h0 >= 0 && w0 >= 0, h0 >= 0 && w0 + 1 < W, h0 + 1 < H && w0 >= 0, h0 + 1 < H && w0 + 1 < W};
+      static_cast<bool>(top & left), static_cast<bool>(top & right),
+      static_cast<bool>(bottom & left), static_cast<bool>(bottom & right)};
   const int32_t base = h0 * W + w0;
   const int32_t offs[kCorners] = {0, 1, W, W + 1};
   const T wk[kCorners] = {hh * hw, hh * lw, lh * hw, lh * lw};
   const T dx[kCorners] = {-hh * sx, hh * sx, -lh * sx, lh * sx};
   const T dy[kCorners] = {-hw * sy, -lw * sy, hw * sy, lw * sy};
-SOLQ_D2_UNROLL
+  SOLQ_D2_UNROLL
   for (int k = 0; k < kCorners; ++k) {
     idx[k] = valid[k] ? base + offs[k] : -1;
     w[k] = valid[k] ? wk[k] : static_cast<T>(0);
     dwdx[k] = valid[k] ? dx[k] : static_cast<T>(0);
     dwdy[k] = valid[k] ? dy[k] : static_cast<T>(0);
   }
-  return true;
+  return in;
 }
 
 // Bilinear corners and weights only (the forward pass); the unused derivatives are dead code.
 template <typename T>
-SOLQ_D2_HD bool bilinear_corners(T x, T y, int32_t H, int32_t W, int32_t idx[kCorners], T w[kCorners]) {
+SOLQ_D2_HD bool bilinear_corners(
+    T x,
+    T y,
+    int32_t H,
+    int32_t W,
+    int32_t idx[kCorners],
+    T w[kCorners]) {
   T dwdx[kCorners], dwdy[kCorners];
   return bilinear_corners_grad(x, y, H, W, idx, w, dwdx, dwdy);
 }
