@@ -19,81 +19,17 @@ the converted weights are loaded strictly; any mismatch is an error. Then evalua
 (``MODEL.WEIGHTS solq_r50_final.pth`` also works: the checkpointer converts official files on the
 fly; converting once just makes loading faster and prints what is renamed.)
 """
-import argparse
-import hashlib
+
+import os
 import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _load(path: str):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _build_model(config_file: str, opts):
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    import solq_d2  # noqa: F401  (registers SOLQ)
-    from solq_d2.config import add_solq_d2_config
-
-    cfg = get_cfg()
-    add_solq_d2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["MODEL.DEVICE", "cpu"])
-    return build_model(cfg)
+from solq_d2.checkpoint.convert_cli import main as _main  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", required=True, help="official SOLQ .pth file")
-    parser.add_argument("--output", required=True, help="converted .pth file to write")
-    parser.add_argument("--config-file", default="", help="solq_d2 config to check against")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE)")
-    args = parser.parse_args(argv)
-
-    from solq_d2.checkpoint.convert_solq import convert, matches
-
-    checkpoint = _load(args.source)
-    if not matches(checkpoint):
-        print(f"error: {args.source} is not an official SOLQ checkpoint", file=sys.stderr)
-        return 1
-    model = _build_model(args.config_file, args.opts) if args.config_file else None
-    try:
-        result = convert(checkpoint, model)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for old, new in result["renames"]:
-        print(f"{old} -> {new}")
-    for name in result["dropped"]:
-        print(f"dropped {name} (alias / not a weight)")
-    if model is not None:
-        state = {k: v.to(torch.float32) for k, v in result["model"].items()}
-        incompatible = model.load_state_dict(state, strict=False)
-        if incompatible.missing_keys or incompatible.unexpected_keys:
-            print(f"error: does not load strictly: {incompatible}", file=sys.stderr)
-            return 1
-    out = {
-        "model": {k: v.contiguous().clone() for k, v in result["model"].items()},
-        "__author__": f"solq_d2 convert-solq-to-d2 from sha256:{_sha256(args.source)}",
-        "matching_heuristics": False,
-    }
-    torch.save(out, args.output)
-    print(
-        f"wrote {args.output}: {len(out['model'])} tensors, {len(result['renames'])} renamed, "
-        f"{len(result['dropped'])} dropped"
-    )
-    return 0
+    return _main("SOLQ", argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ __all__ = [
     "SolqD2Checkpointer",
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
+    "check_converted_state",
     "safe_torch_load",
     "safe_pickle_load",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "SolqD2Checkpointer",
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
+    "check_converted_state",
     "CONVERTER_MODULES",
     "safe_torch_load",
     "safe_pickle_load",
@@ -234,6 +235,42 @@ def _find_converter(checkpoint: Any):
     return None, None
 
 
+def check_converted_state(model: torch.nn.Module, state: Dict[str, Any], method: str) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state`` fits ``model`` exactly.
+
+    Every parameter and buffer of the model must be present with its shape, and nothing else
+    (``pixel_mean``/``pixel_std`` may be absent: they come from the config). The message lists
+    the missing, unexpected and mis-shaped names (first 50 of each).
+    """
+    model_state = model.state_dict()
+    ignorable = {k for k in _CONFIG_BUFFERS if k in dict(model.named_buffers())}
+    missing = sorted(set(model_state) - set(state) - ignorable)
+    unexpected = sorted(set(state) - set(model_state))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+        for k in sorted(set(state) & set(model_state))
+        if tuple(state[k].shape) != tuple(model_state[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def block(title: str, items: List[str]) -> str:
+        if not items:
+            return ""
+        shown = "\n    ".join(items[:50])
+        more = f"\n    ... and {len(items) - 50} more" if len(items) > 50 else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+    raise CheckpointMismatchError(
+        f"The converted official {method} checkpoint does not match the model "
+        "(official weights are loaded strictly; check MODEL.META_ARCHITECTURE and the "
+        f"model config against the checkpoint):"
+        + block("missing in checkpoint", missing)
+        + block("unexpected in checkpoint", unexpected)
+        + block("shape mismatches", shapes)
+    )
+
+
 class SolqD2Checkpointer(DetectionCheckpointer):
     """A :class:`DetectionCheckpointer` that loads safely, saves atomically and converts official
     SOLQ / SOIT / QueryInst checkpoints on the fly.
@@ -302,33 +339,7 @@ class SolqD2Checkpointer(DetectionCheckpointer):
         return super()._load_model(checkpoint)
 
     def _check_strict(self, state: Dict[str, Any], method: str) -> None:
-        model_state = self.model.state_dict()
-        ignorable = {k for k in _CONFIG_BUFFERS if k in dict(self.model.named_buffers())}
-        missing = sorted(set(model_state) - set(state) - ignorable)
-        unexpected = sorted(set(state) - set(model_state))
-        shapes = [
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
-            for k in sorted(set(state) & set(model_state))
-            if tuple(state[k].shape) != tuple(model_state[k].shape)
-        ]
-        if not (missing or unexpected or shapes):
-            return
-
-        def block(title: str, items: List[str]) -> str:
-            if not items:
-                return ""
-            shown = "\n    ".join(items[:50])
-            more = f"\n    ... and {len(items) - 50} more" if len(items) > 50 else ""
-            return f"\n  {title} ({len(items)}):\n    {shown}{more}"
-
-        raise CheckpointMismatchError(
-            f"The converted official {method} checkpoint does not match the model "
-            "(official weights are loaded strictly; check MODEL.META_ARCHITECTURE and the "
-            f"model config against the checkpoint):"
-            + block("missing in checkpoint", missing)
-            + block("unexpected in checkpoint", unexpected)
-            + block("shape mismatches", shapes)
-        )
+        check_converted_state(self.model, state, method)
 
     # ---------------------------------------------------------------- saving
     def _is_local(self) -> bool:

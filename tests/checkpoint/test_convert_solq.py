@@ -160,7 +160,7 @@ def test_cli_prints_renames_and_writes_loadable_file(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "backbone.0.body.conv1.weight -> backbone.stem.conv1.weight" in proc.stdout
-    assert "dropped transformer.decoder.bbox_embed.1.layers.2.bias" in proc.stdout
+    assert "transformer.decoder.bbox_embed.1.layers.2.bias -> (dropped)" in proc.stdout
     loaded = torch.load(dst, weights_only=True)
     assert loaded["matching_heuristics"] is False
     state = model.state_dict()
