@@ -1,4 +1,4 @@
-"""A narrow ResNet-18/34 for training from scratch on CPU (``configs/SOIT/soit_shapes.yaml``)."""
+"""A narrow ResNet-18/34 for training from scratch on CPU (e.g. ``configs/SOIT/soit_shapes.yaml``)."""
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY

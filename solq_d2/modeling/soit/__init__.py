@@ -3,7 +3,6 @@
 Importing this package registers ``SOIT`` in ``META_ARCH_REGISTRY``.
 """
 
-from . import backbone as _backbone  # noqa: F401  (registers build_narrow_resnet_backbone)
 from .config import add_soit_config
 from .dynamic_head import SOITDynamicMaskHead, aligned_bilinear
 from .meta_arch import SOIT
